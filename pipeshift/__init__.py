@@ -1,0 +1,1 @@
+"""pipeshift: LLM serving whose pipeline layout changes live."""
