@@ -5,7 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install tools demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# promtool checks the metrics exposition; later a real Prometheus scrapes agents in the e2e tests.
+tools:
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
 demo: $(STAMP)
 	$(VENV)/bin/pipeshift demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

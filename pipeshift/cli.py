@@ -18,6 +18,8 @@ from pipeshift.errors import UserError
 COMMANDS: dict[str, str] = {
     "make-model": "pipeshift.runtime.model.make_model",
     "generate": "pipeshift.runtime.generate",
+    "agent": "pipeshift.runtime.agent",
+    "serve": "pipeshift.local.serve",
     "plan": "pipeshift.placement.cli",
     "demo": "pipeshift.local.demo",
 }
