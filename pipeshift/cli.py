@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "generate": "pipeshift.runtime.generate",
     "agent": "pipeshift.runtime.agent",
     "serve": "pipeshift.local.serve",
+    "frontend": "pipeshift.runtime.frontend.main",
     "plan": "pipeshift.placement.cli",
     "demo": "pipeshift.local.demo",
 }

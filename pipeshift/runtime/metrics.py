@@ -49,7 +49,7 @@ class AgentMetrics:
         self.step_tokens = Counter("pipeshift_stage_tokens", "Tokens a stage computed.", ["stage"],
                                    registry=r).labels(s)
         self.layers = Gauge("pipeshift_stage_layers", "Layers a stage holds.", ["stage"], registry=r).labels(s)
-        self.kv_total = Gauge("pipeshift_kv_blocks_total", "Physical KV blocks in a stage's pool.", ["stage"],
+        self.kv_total = Gauge("pipeshift_kv_blocks_capacity", "Physical KV blocks in a stage's pool.", ["stage"],
                               registry=r).labels(s)
         self.kv_used = Gauge("pipeshift_kv_blocks_used", "KV blocks holding data.", ["stage"],
                              registry=r).labels(s)

@@ -1,0 +1,110 @@
+"""A load generator for the OpenAI-compatible API: open-loop arrivals, streaming, client-side timings.
+
+Used by `pipeshift demo` and `bench/serving.py`, so both measure TTFT and TPOT the same way: TTFT is
+arrival to first token; TPOT is (end − first token) / (tokens − 1), as the client sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+
+@dataclass(frozen=True)
+class Load:
+    rate: float          # requests per second (open loop: arrivals do not wait for answers)
+    requests: int
+    prompt_tokens: int
+    max_tokens: int
+    warmup: int = 0      # concurrent untimed requests sent first
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    ttft: float
+    tpot: float
+    e2e: float
+    tokens: int
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> RequestTiming:
+    """One streaming completion that must generate exactly `max_tokens` tokens (EOS ignored)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"request failed with HTTP {resp.status}: {await resp.text()}")
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"request failed: {chunk['error']['message']}")
+            got = len(chunk["choices"][0].get("token_ids", []))
+            if got and first is None:
+                first = time.perf_counter()
+            tokens += got
+    end = time.perf_counter()
+    if first is None or tokens != max_tokens:
+        raise RuntimeError(f"request streamed {tokens} tokens, expected {max_tokens}")
+    return RequestTiming(ttft=first - started, tpot=(end - first) / max(1, tokens - 1), e2e=end - started,
+                         tokens=tokens)
+
+
+async def drive(url: str, load: Load, vocab: int, *, seed: int = 0,
+                on_done: Callable[[RequestTiming], None] | None = None) -> tuple[list[RequestTiming], float]:
+    """Send `load` to the frontend at `url`; returns the timed requests and the wall time they took."""
+    rng = random.Random(seed)
+
+    def prompt() -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(load.prompt_tokens)]
+
+    async def timed(p: list[int]) -> RequestTiming:
+        timing = await one_request(session, url, p, load.max_tokens)
+        if on_done is not None:
+            on_done(timing)
+        return timing
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await asyncio.gather(*(one_request(session, url, prompt(), load.max_tokens) for _ in range(load.warmup)))
+        tasks = []
+        started = time.perf_counter()
+        for i in range(load.requests):
+            delay = started + i / load.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(timed(prompt())))
+        timings = await asyncio.gather(*tasks)
+        return list(timings), time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(timings: list[RequestTiming], wall: float) -> dict[str, float]:
+    ttft, tpot = [t.ttft for t in timings], [t.tpot for t in timings]
+    generated = sum(t.tokens for t in timings)
+    return {
+        "requests": len(timings),
+        "tokens": generated,
+        "wall_s": wall,
+        "throughput_tok_s": generated / wall,
+        "requests_per_s": len(timings) / wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p95_s": percentile(ttft, 0.95),
+        "tpot_p50_s": statistics.median(tpot),
+        "tpot_p95_s": percentile(tpot, 0.95),
+        "e2e_p50_s": statistics.median(t.e2e for t in timings),
+    }

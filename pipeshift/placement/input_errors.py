@@ -1,0 +1,57 @@
+"""Pydantic validation errors as one line naming the file, the field path and what would be valid.
+
+Shared by `pools.yaml` and policy files so both reject unknown keys the same helpful way.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+
+from pydantic import BaseModel, ValidationError
+
+
+def _model_at(model: type[BaseModel], path: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that holds the field at `path` (list indices and dict keys skipped)."""
+    current: object = model
+    for part in path:
+        if isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = field.annotation
+        current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: object) -> object:
+    """`list[X]`, `X | None`, `dict[str, X]` → X, so a path can step through containers."""
+    while True:
+        args = typing.get_args(annotation)
+        origin = typing.get_origin(annotation)
+        if origin in (list, tuple, dict, typing.Union, types.UnionType) and args:
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if models:
+                return models[0]
+            annotation = args[-1]
+            if origin in (typing.Union, types.UnionType):
+                return annotation
+        else:
+            return annotation
+
+
+def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
+    """The first problem, as `source: a.b.c: what is wrong; what would be valid`."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        holder = _model_at(model, loc[:-1])
+        valid = ", ".join(holder.model_fields) if holder else "see the schema"
+        return f"{source}: {where}: unknown key {loc[-1]!r}; valid keys here: {valid}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"{source}: {where}: required but missing"
+    value = first.get("input")
+    got = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    return f"{source}: {where}: {message}{got}"

@@ -1,0 +1,171 @@
+"""The agent's HTTP control API: health and metrics (open), info, stats, routing, layers and pool (token).
+
+State changes run on the stage's worker thread between micro-batches and are idempotent per request id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from pipeshift.runtime.agent.dataplane import DataPlane
+from pipeshift.runtime.agent.idempotency import Answer, IdempotencyCache
+from pipeshift.runtime.agent.worker import StageWorker, StateConflict
+from pipeshift.runtime.metrics import AgentMetrics
+from pipeshift.runtime.security import bearer_matches
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+MAX_BODY_BYTES = 64 * 1024
+RequestId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+Count = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request_id: RequestId
+
+
+class RouteBody(_Body):
+    downstream: StrictStr
+
+
+class LayersBody(_Body):
+    start: Count
+    end: Count
+
+
+class ResizeBody(_Body):
+    blocks: Annotated[StrictInt, Field(ge=1)]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"field {field!r}: {first['msg']}"
+
+
+class ControlAPI:
+    """Routes bound to one agent's worker, data plane and metrics."""
+
+    def __init__(
+        self, worker: StageWorker, data: DataPlane, metrics: AgentMetrics, token: str | None
+    ) -> None:
+        self.worker = worker
+        self.data = data
+        self.metrics = metrics
+        self.token = token
+        self.epoch = 0
+        self.idempotent = IdempotencyCache()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_get("/info", self.info)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/route", self._changing(RouteBody, self._route))
+        app.router.add_post("/layers/load", self._changing(LayersBody, self._load))
+        app.router.add_post("/layers/unload", self._changing(LayersBody, self._unload))
+        app.router.add_post("/pool/resize", self._changing(ResizeBody, self._resize))
+        return app
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS and not bearer_matches(
+            self.token, request.headers.get("Authorization")
+        ):
+            return _error(401, "missing or wrong control token (send Authorization: Bearer <token>)")
+        return await handler(request)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "stage_id": self.worker.config.stage_id})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._info())
+
+    async def _info(self) -> dict[str, Any]:
+        info = await self.worker.call(self.worker.info)
+        info["data"] = {"host": self.worker.config.host, "port": self.data.port}
+        info["downstream"] = self.data.downstream.address
+        info["epoch"] = self.epoch
+        return info
+
+    async def stats(self, request: web.Request) -> web.Response:
+        steps = await self.worker.call(self.worker.stats.as_json)
+        return web.json_response(
+            {
+                **steps,
+                "frames_rejected": self.data.rejected,
+                "upstream_connections": self.data.upstreams,
+                "downstream": self.data.downstream.address,
+                "downstream_connected": self.data.downstream.connected,
+                "downstream_connects": self.data.downstream.connects,
+                "dropped_batches": self.data.downstream.dropped,
+            }
+        )
+
+    def _changing(
+        self, model: type[_Body], act: Callable[[Any], Awaitable[Answer]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """Parse, validate and run a state-changing call at most once per request id."""
+
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                raw = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return _error(400, "the body is not valid JSON")
+            try:
+                body = model.model_validate(raw)
+            except ValidationError as exc:
+                return _error(400, _validation_message(exc))
+            call = f"{request.path} {body.model_dump_json(exclude={'request_id'})}"
+            status, answer = await self.idempotent.run(
+                body.request_id, call, lambda: self._guarded(act, body)
+            )
+            return web.json_response(answer, status=status)
+
+        return handle
+
+    async def _guarded(self, act: Callable[[Any], Awaitable[Answer]], body: _Body) -> Answer:
+        try:
+            return await act(body)
+        except StateConflict as exc:
+            return 409, {"error": str(exc)}
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+
+    async def _route(self, body: RouteBody) -> Answer:
+        await self.data.downstream.route(body.downstream)
+        logger.info("stage %d: routed downstream to %s", self.worker.config.stage_id, body.downstream)
+        return 200, {"downstream": self.data.downstream.address}
+
+    async def _load(self, body: LayersBody) -> Answer:
+        await self.worker.call(self.worker.load_layers, body.start, body.end)
+        return 200, await self._info()
+
+    async def _unload(self, body: LayersBody) -> Answer:
+        await self.worker.call(self.worker.unload_layers, body.start, body.end)
+        return 200, await self._info()
+
+    async def _resize(self, body: ResizeBody) -> Answer:
+        await self.worker.call(self.worker.resize, body.blocks)
+        return 200, await self._info()

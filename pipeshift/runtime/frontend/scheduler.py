@@ -1,0 +1,260 @@
+"""Continuous batching over a pipeline of stages: which sequences go into the next micro-batch, and what
+happens when its logits come back.
+
+Sequences are spread over K micro-batch slots (K >= the number of stages, so every stage has work);
+each slot has at most one batch in the pipeline, which is what lets a sequence's decode step use the
+token sampled from the previous one. Admission (`reserve`) and frees (`release`) travel inside the
+batches so every stage applies them in the same order as the computation. The scheduler does no I/O:
+it hands finished batches to `send` and is fed returned ones through `on_result`, all on one event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeshift.runtime.frontend.admission import KVMirror
+from pipeshift.runtime.frontend.sampling import sample_batch
+from pipeshift.runtime.frontend.sequence import Failure, Sequence, State
+from pipeshift.runtime.kv.span import SeqSpan
+from pipeshift.runtime.metrics import FrontendMetrics
+from pipeshift.runtime.microbatch import MAX_RELEASES, MAX_RESERVES, MicroBatch
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+
+
+class Unavailable(RuntimeError):
+    """The pipeline is down; new requests fail fast (HTTP 503) instead of waiting for it."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    slots: int
+    max_batch_tokens: int = 2048
+    max_queue: int = 256
+    step_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.max_batch_tokens < 1 or self.max_queue < 0 or self.step_timeout_s <= 0:
+            raise ValueError(f"invalid scheduler settings: {self}")
+
+
+@dataclass
+class Slot:
+    index: int
+    running: list[Sequence] = field(default_factory=list)
+    in_flight: int | None = None
+
+
+@dataclass
+class InFlight:
+    batch_id: int
+    slot: Slot
+    seqs: list[Sequence]
+    sent_at: float
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        mirror: KVMirror,
+        send: Callable[[MicroBatch], None],
+        metrics: FrontendMetrics,
+        *,
+        epoch: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.mirror = mirror
+        self.metrics = metrics
+        self.epoch = epoch
+        self._send = send
+        self._clock = clock
+        self.slots = [Slot(i) for i in range(config.slots)]
+        self.waiting: deque[Sequence] = deque()
+        self.in_flight: dict[int, InFlight] = {}
+        self.pending_release: list[Sequence] = []
+        self.down_reason: str | None = None
+        self._next_batch_id = 0
+
+    @property
+    def running(self) -> int:
+        return sum(len(s.running) for s in self.slots)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a validated sequence (it fits the stages' pools when they are idle)."""
+        if self.down_reason is not None:
+            raise Unavailable(self.down_reason)
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"the waiting queue is full ({self.config.max_queue} requests)")
+        self.waiting.append(seq)
+        self.metrics.queued.inc()
+        self.pump()
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: drop the sequence and free its blocks on every stage."""
+        if seq.state is State.DONE:
+            return
+        self.metrics.requests.labels("cancelled").inc()
+        if seq.state is State.WAITING:
+            self.waiting.remove(seq)
+            self.metrics.queued.dec()
+            seq.state = State.DONE
+        else:
+            self._retire(seq)
+        self.pump()
+
+    def pump(self) -> None:
+        """Send a batch on every idle slot that has something to do."""
+        if self.down_reason is not None:
+            return
+        for slot in self.slots:
+            if slot.in_flight is None:
+                batch = self._build(slot)
+                if batch is not None:
+                    self._send(batch)
+
+    def _build(self, slot: Slot) -> MicroBatch | None:
+        spans = [SeqSpan(s.seq_id, s.computed, 1) for s in slot.running]
+        inputs = [s.output[-1] for s in slot.running]
+        reserve = [0] * len(spans)
+        members = list(slot.running)
+        releases = self._take_releases()
+        share = math.ceil((self.running + len(self.waiting)) / len(self.slots))
+        tokens, admitted = len(inputs), 0
+        while self.waiting and len(slot.running) < share and admitted < MAX_RESERVES:
+            seq = self.waiting[0]
+            # The first prompt of a batch may exceed the cap by the decode spans already in it: a long
+            # prompt must not starve behind a slot that always has decodes.
+            if admitted and tokens + len(seq.prompt) > self.config.max_batch_tokens:
+                break
+            if not self.mirror.fits(seq.reserve_tokens):
+                break
+            self.waiting.popleft()
+            self.mirror.reserve(seq.reserve_tokens)
+            seq.state, seq.slot = State.RUNNING, slot.index
+            slot.running.append(seq)
+            spans.append(SeqSpan(seq.seq_id, 0, len(seq.prompt)))
+            inputs.extend(seq.prompt)
+            reserve.append(seq.reserve_tokens)
+            members.append(seq)
+            tokens += len(seq.prompt)
+            admitted += 1
+            self.metrics.queued.dec()
+            self.metrics.running.inc()
+            self.metrics.prompt_tokens.inc(len(seq.prompt))
+        if not spans and not releases:
+            return None
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        slot.in_flight = batch_id
+        self.in_flight[batch_id] = InFlight(batch_id, slot, members, self._clock())
+        return MicroBatch(
+            batch_id=batch_id,
+            epoch=self.epoch,
+            spans=tuple(spans),
+            reserve=tuple(reserve),
+            release=tuple(releases),
+            data=torch.tensor(inputs, dtype=torch.int64),
+        )
+
+    def _take_releases(self) -> list[int]:
+        """Seq ids to free in the batch being built; the mirror frees them now because every stage applies
+        a batch's releases before its reservations."""
+        taken = self.pending_release[:MAX_RELEASES]
+        del self.pending_release[:MAX_RELEASES]
+        for seq in taken:
+            self.mirror.release(seq.reserve_tokens)
+        return [seq.seq_id for seq in taken]
+
+    def on_result(self, batch: MicroBatch) -> None:
+        """Logits (or a stage's error) for a batch sent earlier; batches failed by a timeout are ignored."""
+        record = self.in_flight.pop(batch.batch_id, None)
+        if record is None:
+            logger.warning("ignoring returned batch %d: not in flight (failed or timed out)", batch.batch_id)
+            return
+        record.slot.in_flight = None
+        live = [(row, seq) for row, seq in enumerate(record.seqs) if seq.state is State.RUNNING]
+        error = batch.error or _shape_error(batch, len(record.seqs))
+        if error:
+            for _, seq in live:
+                self._fail(seq, f"a stage failed micro-batch {batch.batch_id}: {error}", 500)
+        elif live:
+            self._advance(batch, live)
+        self.pump()
+
+    def _advance(self, batch: MicroBatch, live: list[tuple[int, Sequence]]) -> None:
+        rows = torch.tensor([row for row, _ in live])
+        logits = batch.data.index_select(0, rows) if len(live) < batch.data.shape[0] else batch.data
+        tokens = sample_batch(logits, [seq.sampler for _, seq in live])
+        now = self._clock()
+        for (_, seq), token in zip(live, tokens, strict=True):
+            seq.computed += len(seq.prompt) if seq.computed == 0 else 1
+            if seq.last_token_at is None:
+                self.metrics.ttft.observe(now - seq.arrival)
+            else:
+                self.metrics.tpot.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            self.metrics.generated_tokens.inc()
+            delta = seq.append(token)
+            seq.events.put_nowait(delta)
+            if delta.finish_reason is not None:
+                self.metrics.requests.labels("ok").inc()
+                self.metrics.e2e.observe(now - seq.arrival)
+                self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """A running sequence leaves its slot; its blocks are freed by the next batch sent."""
+        self.slots[seq.slot].running.remove(seq)
+        seq.state = State.DONE
+        self.metrics.running.dec()
+        self.pending_release.append(seq)
+
+    def _fail(self, seq: Sequence, message: str, status: int) -> None:
+        seq.events.put_nowait(Failure(message, status))
+        self.metrics.requests.labels("error").inc()
+        if seq.state is State.WAITING:
+            self.metrics.queued.dec()
+            seq.state = State.DONE
+        else:
+            self._retire(seq)
+
+    def expired(self) -> list[int]:
+        """Batch ids that have been in the pipeline longer than the step timeout."""
+        limit = self._clock() - self.config.step_timeout_s
+        return [b for b, rec in self.in_flight.items() if rec.sent_at < limit]
+
+    def fail_all(self, reason: str, status: int = 503) -> None:
+        """The pipeline broke (timeout, lost connection, dead stage): end every request with `reason` and
+        accept no new ones until `resume`. Their blocks are released once batches flow again."""
+        self.down_reason = reason
+        self.in_flight.clear()
+        for slot in self.slots:
+            slot.in_flight = None
+            for seq in list(slot.running):
+                self._fail(seq, reason, status)
+        while self.waiting:
+            self._fail(self.waiting.popleft(), reason, status)
+
+    def resume(self) -> None:
+        self.down_reason = None
+        self.pump()
+
+
+def _shape_error(batch: MicroBatch, rows: int) -> str:
+    """Logits must come back as one row per span sent; anything else would be sampled from wrong rows."""
+    shape = tuple(batch.data.shape)
+    if len(shape) != 2 or shape[0] != rows or not batch.data.is_floating_point():
+        return f"expected logits of shape [{rows}, vocab], got {batch.data.dtype}{list(shape)}"
+    return ""

@@ -1,0 +1,244 @@
+"""Wires the frontend together: stage discovery and routing, the data plane, the scheduler, the HTTP API,
+and the watchdogs that turn a dead or stuck stage into clear errors instead of hanging requests.
+
+`start_frontend(config)` returns a running `Frontend` (its `port` bound); `await frontend.stop()` ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pipeshift.errors import UserError
+from pipeshift.runtime.frontend.admission import KVMirror, StageBudget
+from pipeshift.runtime.frontend.config import FrontendConfig
+from pipeshift.runtime.frontend.openai_api import build_app
+from pipeshift.runtime.frontend.scheduler import Scheduler, SchedulerConfig
+from pipeshift.runtime.frontend.served_model import ServedModel
+from pipeshift.runtime.frontend.stages import AgentClient, DataPlane, StageInfo, StageUnreachable
+from pipeshift.runtime.metrics import FrontendMetrics
+from pipeshift.runtime.microbatch import MicroBatch
+
+logger = logging.getLogger(__name__)
+
+# Health probes must answer quickly: a stage that takes longer than this is reported down.
+HEALTH_TIMEOUT_S = 1.0
+# While the pipeline is down, stages are polled this often so serving resumes soon after they answer.
+RECOVERY_POLL_S = 0.5
+
+
+class Frontend:
+    """A running frontend. Everything runs on the event loop that called `start_frontend`."""
+
+    def __init__(self, config: FrontendConfig, model: ServedModel) -> None:
+        self.config = config
+        self.model = model
+        self.metrics = FrontendMetrics()
+        self.started_at = int(time.time())
+        self.port = 0
+        self.infos: list[StageInfo] = []
+        self.stage_up = [False] * len(config.stages)
+        self.scheduler: Scheduler
+        # Agents may still hold sequences of an earlier frontend; a random first id avoids reusing theirs.
+        self._seq_ids = itertools.count(secrets.randbits(40) << 20)
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._agents: list[AgentClient] = []
+        self._data: DataPlane | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._breaking: asyncio.Task[None] | None = None
+
+    def next_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._agents = [AgentClient(self._session, a, self.config.control_token) for a in self.config.stages]
+        self.infos = await asyncio.gather(*(a.info() for a in self._agents))
+        self._check_stages()
+        self.stage_up = [True] * len(self.infos)
+        for i in range(len(self.infos)):
+            self.metrics.stage_up.labels(str(i)).set(1)
+        mirror = KVMirror(
+            [
+                StageBudget(i.stage_id, i.num_layers, i.block_size, i.total_blocks, i.reserved_blocks)
+                for i in self.infos
+            ]
+        )
+        sched_config = SchedulerConfig(
+            slots=self.config.micro_batch_slots,
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_queue=self.config.max_queue,
+            step_timeout_s=self.config.step_timeout_s,
+        )
+        last = self.infos[-1]
+        # Rows of returned logits: every running sequence of a slot plus the prompts admitted with them.
+        max_rows = 2 * self.config.max_batch_tokens
+        self._data = DataPlane(
+            host=self.config.host,
+            token=self.config.control_token,
+            vocab_size=last.vocab_size,
+            dtype=last.torch_dtype,
+            max_rows=max_rows,
+            on_result=self._on_result,
+            on_broken=self._on_broken,
+        )
+        self.scheduler = Scheduler(
+            sched_config, mirror, self._data.send, self.metrics, epoch=self.infos[0].epoch
+        )
+        await self._data.start()
+        await self._wire()
+        self._runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._tasks = [asyncio.create_task(self._watch_timeouts()), asyncio.create_task(self._poll_health())]
+        logger.info("frontend serving %s on %s through %d stages", self.model.name, self.url, len(self.infos))
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *([self._breaking] if self._breaking else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._data is not None:
+            await self._data.close()
+        if self._session is not None:
+            await self._session.close()
+
+    def health(self) -> dict[str, Any]:
+        stages = [
+            {"stage": i, "address": a, "up": up}
+            for i, (a, up) in enumerate(zip(self.config.stages, self.stage_up, strict=True))
+        ]
+        down = self.scheduler.down_reason
+        status = "ok" if down is None and all(self.stage_up) else "degraded"
+        body: dict[str, Any] = {"status": status, "stages": stages}
+        if down is not None:
+            body["error"] = down
+        return body
+
+    def control_state(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "model": self.model.name,
+            "epoch": s.epoch,
+            "slots": len(s.slots),
+            "running": s.running,
+            "waiting": len(s.waiting),
+            "in_flight": sorted(s.in_flight),
+            "down": s.down_reason,
+            "reserved_blocks": s.mirror.reserved_blocks,
+            "stages": self.health()["stages"],
+        }
+
+    def _check_stages(self) -> None:
+        """The stages must hold the model's layers in order, with its vocabulary; else they are mis-wired."""
+        expected = 0
+        for address, info in zip(self.config.stages, self.infos, strict=True):
+            if info.start != expected:
+                raise UserError(
+                    f"stage at {address} holds layers [{info.start}, {info.end}) but the pipeline "
+                    f"needs one starting at layer {expected}"
+                )
+            expected = info.end
+        if expected != self.model.config.num_layers:
+            raise UserError(
+                f"the stages hold layers [0, {expected}) but {self.model.name} has "
+                f"{self.model.config.num_layers}"
+            )
+        if self.infos[-1].vocab_size != self.model.vocab_size:
+            raise UserError(
+                f"the last stage reports vocab_size {self.infos[-1].vocab_size}, the model's "
+                f"config.json says {self.model.vocab_size}"
+            )
+
+    async def _wire(self) -> None:
+        """Route every stage to the next and the last back to us, then dial stage 0."""
+        assert self._data is not None
+        downstream = [i.data_address for i in self.infos[1:]] + [self._data.return_address]
+        await asyncio.gather(*(a.route(d) for a, d in zip(self._agents, downstream, strict=True)))
+        first = self.infos[0]
+        await self._data.connect(first.data_host, first.data_port)
+
+    def _on_result(self, batch: MicroBatch) -> None:
+        self.scheduler.on_result(batch)
+
+    def _on_broken(self, reason: str) -> None:
+        if self.scheduler.down_reason is None and (self._breaking is None or self._breaking.done()):
+            self._breaking = asyncio.create_task(self._break(reason))
+
+    async def _break(self, reason: str) -> None:
+        """Fail what is in flight, naming the stages that no longer answer, so the client learns which."""
+        await self._check_health()
+        down = [str(i) for i, up in enumerate(self.stage_up) if not up]
+        where = f"; stage {', '.join(down)} not answering" if down else ""
+        logger.error("pipeline failed: %s%s", reason, where)
+        self.scheduler.fail_all(f"the stage pipeline failed: {reason}{where}")
+        self._wake.set()
+
+    async def _watch_timeouts(self) -> None:
+        period = min(0.5, self.config.step_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            expired = self.scheduler.expired()
+            if expired:
+                self._on_broken(
+                    f"micro-batch {expired[0]} did not return within {self.config.step_timeout_s}s"
+                )
+
+    async def _poll_health(self) -> None:
+        while True:
+            interval = self.config.health_interval_s
+            if self.scheduler.down_reason is not None:
+                interval = min(interval, RECOVERY_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            await self._check_health()
+            if not all(self.stage_up):
+                self._on_broken("a stage stopped answering its health check")
+            elif self.scheduler.down_reason is not None:
+                await self._recover()
+
+    async def _check_health(self) -> None:
+        results = await asyncio.gather(*(a.healthy(HEALTH_TIMEOUT_S) for a in self._agents))
+        for i, up in enumerate(results):
+            if up != self.stage_up[i]:
+                logger.warning("stage %d at %s is %s", i, self.config.stages[i], "up" if up else "down")
+            self.stage_up[i] = up
+            self.metrics.stage_up.labels(str(i)).set(1 if up else 0)
+
+    async def _recover(self) -> None:
+        """Every stage answers again: re-read them, re-wire the ring and serve again."""
+        with contextlib.suppress(StageUnreachable, UserError, OSError, ConnectionError):
+            self.infos = await asyncio.gather(*(a.info() for a in self._agents))
+            self._check_stages()
+            await self._wire()
+            logger.info("all stages answer again; serving")
+            self.scheduler.resume()
+
+
+async def start_frontend(config: FrontendConfig) -> Frontend:
+    """A frontend serving on `config.host:config.port` (port 0: a free one, see `.port`)."""
+    frontend = Frontend(config, ServedModel.load(config.model_dir, config.model_name))
+    try:
+        await frontend.start()
+    except BaseException:
+        await frontend.stop()
+        raise
+    return frontend

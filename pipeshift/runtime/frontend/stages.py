@@ -1,0 +1,213 @@
+"""The frontend's view of the stage agents: their control APIs over HTTP, and the data plane through them.
+
+Batches leave on one connection to stage 0 and come back on the "return" server that the last stage
+dials, so the pipeline is a ring; one writer task keeps batches in the order the scheduler built them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import torch
+
+from pipeshift.runtime.microbatch import MicroBatch, MicroBatchReader, data_limits, send_microbatch
+from pipeshift.runtime.transport import FrameClient, FrameServer, Peer
+from pipeshift.runtime.transport.frame import Frame
+
+logger = logging.getLogger(__name__)
+
+
+class StageUnreachable(RuntimeError):
+    """A stage's control API did not answer, or answered with an error."""
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What `GET /info` tells the frontend about one stage."""
+
+    stage_id: int
+    start: int
+    end: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    block_size: int
+    total_blocks: int
+    reserved_blocks: int
+    data_host: str
+    data_port: int
+    epoch: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> StageInfo:
+        kv, data = body["kv"], body["data"]
+        start, end = body["layers"]
+        return cls(
+            stage_id=int(body["stage_id"]),
+            start=int(start),
+            end=int(end),
+            hidden_size=int(body["hidden_size"]),
+            vocab_size=int(body["vocab_size"]),
+            dtype=str(body["dtype"]),
+            block_size=int(body["block_size"]),
+            total_blocks=int(kv["total_blocks"]),
+            reserved_blocks=int(kv["reserved_blocks"]),
+            data_host=str(data["host"]),
+            data_port=int(data["port"]),
+            epoch=int(body.get("epoch", 0)),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def data_address(self) -> str:
+        return f"{self.data_host}:{self.data_port}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+class AgentClient:
+    """One agent's control API; state-changing calls carry a fresh request id, as the API requires."""
+
+    def __init__(self, session: aiohttp.ClientSession, address: str, token: str | None) -> None:
+        self.address = address
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def info(self, timeout_s: float = 10.0) -> StageInfo:
+        body = await self._call("GET", "/info", None, timeout_s)
+        try:
+            return StageInfo.from_json(body)
+        except (KeyError, TypeError, ValueError) as e:
+            raise StageUnreachable(f"stage at {self.address}: /info answered without a valid {e}") from None
+
+    async def route(self, downstream: str, timeout_s: float = 10.0) -> None:
+        await self._call(
+            "POST",
+            "/route",
+            {"request_id": f"frontend-{uuid.uuid4().hex}", "downstream": downstream},
+            timeout_s,
+        )
+
+    async def healthy(self, timeout_s: float) -> bool:
+        try:
+            async with self._session.get(
+                f"http://{self.address}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, timeout_s: float
+    ) -> dict[str, Any]:
+        url = f"http://{self.address}{path}"
+        try:
+            async with self._session.request(
+                method, url, json=body, headers=self._headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                payload = await resp.json(content_type=None)
+                if resp.status != 200:
+                    reason = payload.get("error") if isinstance(payload, dict) else payload
+                    raise StageUnreachable(f"{method} {url} answered {resp.status}: {reason}")
+                return payload
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+            raise StageUnreachable(f"{method} {url} failed: {e!r}") from None
+
+
+class DataPlane:
+    """The connection to stage 0, the return server, and the ordered writer between the scheduler and them."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        token: str | None,
+        vocab_size: int,
+        dtype: torch.dtype,
+        max_rows: int,
+        on_result: Callable[[MicroBatch], None],
+        on_broken: Callable[[str], None],
+    ) -> None:
+        self._host = host
+        self._token = token
+        self._on_result = on_result
+        self._on_broken = on_broken
+        limits = data_limits(width=vocab_size, dtypes=[dtype], max_tokens=max_rows, max_seqs=max_rows)
+        self._server = FrameServer(self._on_frame, limits, token=token, host=host, port=0)
+        self._readers: dict[Peer, MicroBatchReader] = {}
+        self._outbox: asyncio.Queue[MicroBatch] = asyncio.Queue()
+        self._client: FrameClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    @property
+    def return_address(self) -> str:
+        return f"{self._host}:{self._server.port}"
+
+    async def connect(self, host: str, port: int) -> None:
+        """(Re)open the connection to stage 0, dropping queued batches (their requests were failed)."""
+        await self._disconnect()
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self._client = await FrameClient.connect(host, port, role="frontend", stage_id=0, token=self._token)
+        self._tasks = [
+            asyncio.create_task(self._write(self._client)),
+            asyncio.create_task(self._watch(self._client)),
+        ]
+
+    def send(self, batch: MicroBatch) -> None:
+        self._outbox.put_nowait(batch)
+
+    async def close(self) -> None:
+        await self._disconnect()
+        await self._server.close()
+
+    async def _disconnect(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._client is not None:
+            with contextlib.suppress(OSError):
+                await self._client.close()
+            self._client = None
+
+    async def _write(self, client: FrameClient) -> None:
+        while True:
+            batch = await self._outbox.get()
+            try:
+                await send_microbatch(client, batch)
+            except (OSError, ConnectionError) as e:
+                self._on_broken(
+                    f"lost the data connection to stage 0 while sending micro-batch {batch.batch_id}: {e!r}"
+                )
+                return
+
+    async def _watch(self, client: FrameClient) -> None:
+        """Stage 0 never sends on this connection; anything arriving, or its end, means it is gone."""
+        try:
+            frame = await client.recv()
+            reason = f"stage 0 sent an unexpected {frame!r} on the data connection"
+        except (OSError, ConnectionError, ValueError) as e:
+            reason = f"stage 0 closed the data connection ({e})"
+        self._on_broken(reason)
+
+    async def _on_frame(self, frame: Frame, peer: Peer) -> None:
+        reader = self._readers.setdefault(peer, MicroBatchReader())
+        batch = reader.feed(frame)
+        if batch is not None:
+            self._on_result(batch)
