@@ -22,11 +22,6 @@ SEQS = st.integers(0, 3)
 LAYERS = st.integers(0, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def blocks_of(tokens: int) -> int:
     return -(-tokens // BS)
 
@@ -224,7 +219,7 @@ CacheVersusReference.TestCase.settings = settings(max_examples=100, stateful_ste
 test_cache_matches_reference_model = CacheVersusReference.TestCase
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     appends=st.lists(st.tuples(SEQS, LAYERS, st.integers(1, 2 * BS + 1)), min_size=1, max_size=16),
     finished=st.sets(SEQS, min_size=1),

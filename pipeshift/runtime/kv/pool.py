@@ -67,7 +67,7 @@ class BlockPool:
         """
         new_total = self.total_blocks - count * self.slab_blocks
         low_free = sorted(block for block in self._free if block < new_total)
-        targets, self._free = low_free[: len(live)], low_free
+        targets, self._free = low_free[: len(live)], low_free[len(live) :]
         if live:
             device = self.spec.device
             sources = torch.tensor(live, device=device)
