@@ -40,52 +40,66 @@ RESULTS = Path(__file__).parent / "results" / "engine.json"
 logger = logging.getLogger("bench.engine")
 
 
-def _interleaved_medians(runners: dict[str, Callable[[], float]]) -> dict[str, float]:
-    """Runs alternate between engines so load from other processes hits all of them alike."""
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+Step = tuple[float, float]  # seconds per decode step: wall clock, and CPU time of this process
+
+
+def _interleaved_medians(runners: dict[str, Callable[[], Step]]) -> dict[str, Step]:
+    """Runs alternate between engines so load from other processes hits all of them alike; CPU time
+    is reported too because on a shared host it is far less noisy than the wall clock."""
+    samples: dict[str, list[Step]] = {name: [] for name in runners}
     for attempt in range(RUNS + 1):
         for name, run_once in runners.items():
-            seconds = run_once()
+            step = run_once()
             if attempt:  # the first round warms allocators, kernels and the rope table
-                samples[name].append(seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+                samples[name].append(step)
+    return {name: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
+            for name, values in samples.items()}
 
 
-def ours(model: ModelDir, prompts: torch.Tensor, dtype: torch.dtype, slab_blocks: int) -> Callable[[], float]:
+def _clock() -> Step:
+    return time.perf_counter(), time.process_time()
+
+
+def _per_step(started: Step) -> Step:
+    wall, cpu = _clock()
+    return (wall - started[0]) / STEPS, (cpu - started[1]) / STEPS
+
+
+def ours(model: ModelDir, prompts: torch.Tensor, dtype: torch.dtype, slab_blocks: int) -> Callable[[], Step]:
     pipeline = Pipeline(model, Layout.from_sizes([model.config.num_layers]), dtype=dtype, slab_blocks=slab_blocks)
     batch = prompts.shape[0]
     seq_ids = iter(range(10**9))
 
-    def run_once() -> float:
+    def run_once() -> Step:
         ids = [next(seq_ids) for _ in range(batch)]
         for seq in ids:
             pipeline.reserve(seq, PROMPT_TOKENS + STEPS + 1)
         logits = pipeline.forward([SeqSpan(s, 0, PROMPT_TOKENS) for s in ids], prompts.reshape(-1))
-        started = time.perf_counter()
+        started = _clock()
         for step in range(STEPS):
             tokens = logits.argmax(-1)
             logits = pipeline.forward([SeqSpan(s, PROMPT_TOKENS + step, 1) for s in ids], tokens)
-        elapsed = time.perf_counter() - started
+        elapsed = _per_step(started)
         for seq in ids:
             pipeline.release(seq)
-        return elapsed / STEPS
+        return elapsed
 
     return run_once
 
 
-def reference(path: Path, prompts: torch.Tensor, dtype: torch.dtype) -> Callable[[], float]:
+def reference(path: Path, prompts: torch.Tensor, dtype: torch.dtype) -> Callable[[], Step]:
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
 
     @torch.inference_mode()
-    def run_once() -> float:
+    def run_once() -> Step:
         out = model(prompts, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
-        started = time.perf_counter()
+        started = _clock()
         for _ in range(STEPS):
             tokens = logits.argmax(-1, keepdim=True)
             out = model(tokens, past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
-        return (time.perf_counter() - started) / STEPS
+        return _per_step(started)
 
     return run_once
 
@@ -115,15 +129,19 @@ def main() -> None:
                 }
                 t = _interleaved_medians(runners)
                 rows.append({"model": name, "batch": batch,
-                             **{f"{engine}_ms": round(seconds * 1e3, 3) for engine, seconds in t.items()},
-                             "speedup": round(t["transformers"] / t["pipeshift"], 2)})
+                             **{f"{engine}_ms": round(wall * 1e3, 3) for engine, (wall, _) in t.items()},
+                             **{f"{engine}_cpu_ms": round(cpu * 1e3, 3) for engine, (_, cpu) in t.items()},
+                             "speedup": round(t["transformers"][0] / t["pipeshift"][0], 2),
+                             "cpu_speedup": round(t["transformers"][1] / t["pipeshift"][1], 2)})
                 logger.info("%s batch %d: %s", name, batch, rows[-1])
-    print(f"decode step, {args.dtype}, {threads} threads, prompt {PROMPT_TOKENS}, {STEPS} steps, median of {RUNS}")
-    print(f"{'model':<10}{'batch':>6}{'pipeshift ms':>14}{'(64-block slabs)':>18}{'transformers ms':>17}"
-          f"{'speedup':>9}")
+    print(f"decode step in ms (median of {RUNS}; CPU time in brackets), {args.dtype}, {threads} threads, "
+          f"prompt {PROMPT_TOKENS}, {STEPS} steps")
+    print(f"{'model':<9}{'batch':>6}{'pipeshift':>20}{'64-block slabs':>20}{'transformers':>20}{'speedup':>16}")
     for r in rows:
-        print(f"{r['model']:<10}{r['batch']:>6}{r['pipeshift_ms']:>14.3f}{r['pipeshift_small_slabs_ms']:>18.3f}"
-              f"{r['transformers_ms']:>17.3f}{r['speedup']:>9.2f}")
+        cells = [f"{r[f'{e}_ms']:.3f} ({r[f'{e}_cpu_ms']:.3f})"
+                 for e in ("pipeshift", "pipeshift_small_slabs", "transformers")]
+        speedup = f"{r['speedup']:.2f} ({r['cpu_speedup']:.2f})"
+        print(f"{r['model']:<9}{r['batch']:>6}{cells[0]:>20}{cells[1]:>20}{cells[2]:>20}{speedup:>16}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dtype": args.dtype, "threads": threads, "prompt_tokens": PROMPT_TOKENS, "steps": STEPS, "runs": RUNS,
             "torch": torch.__version__, "transformers": transformers.__version__}

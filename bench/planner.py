@@ -99,7 +99,8 @@ def brute_force_gaps(instances: int, seed: int) -> dict:
         worst = max([worst, *((a - b) / b for a, b in zip(key, ref.objective, strict=False) if b > 0)])
         compared += 1
     return {"instances": instances, "feasible_compared": compared, "max_relative_gap": worst,
-            "planner_ms_per_instance": plan_s / instances * 1e3, "brute_force_ms_per_instance": brute_s / instances * 1e3,
+            "planner_ms_per_instance": plan_s / instances * 1e3,
+            "brute_force_ms_per_instance": brute_s / instances * 1e3,
             "brute_force_plans_per_instance": plans / max(compared, 1)}
 
 
@@ -112,7 +113,8 @@ def main() -> None:
     gaps = brute_force_gaps(args.gap_instances, seed=0)
     print(f"{'layers':>6} {'devices':>7} {'pools':>5} {'mode':<8} {'solve ms':>9}  outcome")
     for r in rows:
-        print(f"{r['layers']:>6} {r['devices']:>7} {r['pools']:>5} {r['mode']:<8} {r['solve_ms']:>9.1f}  {r['outcome']}")
+        print(f"{r['layers']:>6} {r['devices']:>7} {r['pools']:>5} {r['mode']:<8} {r['solve_ms']:>9.1f}  "
+              f"{r['outcome']}")
     target = [r["solve_ms"] for r in rows if r["layers"] == 80 and r["devices"] == 16]
     print(f"\n80 layers x 16 devices: worst median solve {max(target):.1f} ms (target < 100 ms)")
     print(f"brute force on {gaps['feasible_compared']} feasible small instances (<= 12 layers, <= 4 devices, "

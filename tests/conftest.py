@@ -2,7 +2,8 @@
 
 `model_factory(**shape)` returns the directory of a checkpoint with that shape (cached, so tests
 asking for the same shape share it); the named fixtures are the shapes most tests want. Treat
-the directories as read-only: copy one (`shutil.copytree`) before damaging it.
+the directories as read-only: copy one (`shutil.copytree`) before damaging it. `hf_model(path,
+dtype)` loads a directory into `transformers` as the reference implementation.
 """
 
 from __future__ import annotations

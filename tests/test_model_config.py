@@ -59,6 +59,7 @@ def test_llama3_rope_scaling_is_read_from_every_config_layout(layout: str) -> No
      "rope_scaling.rope_type = 'yarn'; expected 'default' or 'llama3'"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type = 'linear'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "missing required key 'low_freq_factor'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type RoPE is not supported"),
     ({"num_key_value_heads": 3}, "num_key_value_heads = 3; expected a divisor of num_attention_heads (8)"),
     ({"num_attention_heads": 6}, "num_attention_heads = 6; expected a divisor of hidden_size (64)"),
     ({"hidden_size": "64"}, "hidden_size = '64'; expected a positive integer"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pipeshift.placement import (
@@ -27,9 +28,9 @@ GPUS = sorted(CATALOGUE)
 
 @st.composite
 def requests(draw: st.DrawFn, max_layers: int = 12, max_devices: int = 4, max_pools: int = 3) -> PlacementRequest:
-    hidden = draw(st.sampled_from([1024, 4096]))
-    model = ModelProfile("m", draw(st.integers(1, max_layers)), hidden, hidden // 128,
-                         draw(st.sampled_from([8, hidden // 128])), 128, draw(st.sampled_from([4096, 11008])), 32000)
+    # Layers of 0.3-0.5 GB against devices of 1-4 GB: most plans need several stages and pools.
+    model = ModelProfile("m", draw(st.integers(1, max_layers)), 4096, 32, 8, 128,
+                         draw(st.sampled_from([8192, 11008])), 32000)
     pools, total = [], 0
     for i in range(draw(st.integers(1, max_pools))):
         count = min(draw(st.integers(1, 3)), max_devices - total)
@@ -37,13 +38,13 @@ def requests(draw: st.DrawFn, max_layers: int = 12, max_devices: int = 4, max_po
             break
         total += count
         pools.append(make_pool(
-            f"p{i}", draw(st.sampled_from(GPUS)), count, memory_gb=draw(st.floats(0.3, 4.0)),
+            f"p{i}", draw(st.sampled_from(GPUS)), count, memory_gb=draw(st.floats(1.0, 4.0)),
             interconnect_gbps=draw(st.sampled_from([0.5, 5.0, 50.0])),
             cost_per_hour=draw(st.sampled_from([0.5, 1.0, 2.0, 3.0]))))
-    workload = Workload(rate=draw(st.sampled_from([0.0, 1.0, 5.0])),
+    workload = Workload(rate=draw(st.sampled_from([0.0, 0.5, 2.0, 8.0])),
                         prompt=LengthDist(draw(st.sampled_from([64.0, 512.0])), 2048.0),
-                        output=LengthDist(64.0, draw(st.sampled_from([64.0, 512.0]))))
-    slo = Slo(draw(st.floats(0.01, 1.0)), draw(st.floats(0.001, 0.1)))
+                        output=LengthDist(64.0, draw(st.sampled_from([64.0, 256.0]))))
+    slo = Slo(draw(st.floats(0.01, 1.0)), draw(st.floats(0.001, 0.05)))
     return PlacementRequest(model, tuple(pools), workload, slo, mode=draw(st.sampled_from(["latency", "cost"])))
 
 
@@ -55,16 +56,37 @@ def planner_objective(request: PlacementRequest) -> tuple[bool, tuple[float, ...
     return e.slo_met, objective(request.mode if e.slo_met else "latency", e.bottleneck_s, e.cost_per_hour)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_objective_equals_the_exhaustive_optimum(request: PlacementRequest) -> None:
     ref = exhaustive(request.cost_model(), request.mode, request.stage_range())
     got = planner_objective(request)
+    event("infeasible" if ref is None else f"{len(ref.pools)} stages on {len(set(ref.pools))} pools, "
+          f"SLO {'met' if ref.slo_met else 'missed'}")
     if ref is None:
         assert got is None
         return
     assert got is not None, "exhaustive found a plan the planner did not"
     met, key = got
+    assert met == ref.slo_met
+    assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(key, ref.objective, strict=True)), (key, ref)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.floats(0.5, 0.999))
+def test_with_a_binding_ttft_target_the_objective_still_equals_the_exhaustive_optimum(
+        request: PlacementRequest, tighten: float) -> None:
+    # Without load the SLOs change nothing but the verdict, so a TTFT just under the fastest plan's binds.
+    idle = dataclasses.replace(request, workload=dataclasses.replace(request.workload, rate=0.0),
+                               slo=Slo(100.0, 100.0))
+    try:
+        fastest = plan(idle).estimate
+    except Infeasible:
+        return
+    bound = dataclasses.replace(idle, slo=Slo(tighten * fastest.ttft_p95_s, 100.0))
+    ref = exhaustive(bound.cost_model(), bound.mode, bound.stage_range())
+    met, key = planner_objective(bound)
+    event(f"SLO {'met' if ref.slo_met else 'missed'} on {len(ref.pools)} stages")
     assert met == ref.slo_met
     assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(key, ref.objective, strict=True)), (key, ref)
 
@@ -90,6 +112,19 @@ def test_every_plan_fits_in_memory_and_covers_each_layer_once_in_order(request: 
         assert est.memory.total <= est.memory.capacity
         pool = next(p for p in request.pools if p.name == stage.pool)
         assert est.memory.capacity <= pool.memory_gb * 1e9
+
+
+def test_a_binding_ttft_target_trades_bottleneck_for_a_shorter_prefill_path() -> None:
+    model = ModelProfile("m", 7, 4096, 32, 8, 128, 11008, 32000)
+    pools = (make_pool("a", "a10g", 2, memory_gb=2.0), make_pool("b", "l4", 2, memory_gb=3.0))
+    workload = Workload(0.0, LengthDist(512, 4096), LengthDist.fixed(64))  # no load: SLOs change nothing else
+    fastest = plan(PlacementRequest(model, pools, workload, Slo(100, 100))).estimate
+    tight = PlacementRequest(model, pools, workload, Slo(0.97 * fastest.ttft_p95_s, 100))
+    chosen = plan(tight).estimate
+    ref = exhaustive(tight.cost_model(), "latency", tight.stage_range())
+    assert chosen.slo_met and ref.slo_met
+    assert chosen.bottleneck_s > fastest.bottleneck_s and chosen.ttft_p95_s <= tight.slo.ttft_p95_s
+    assert math.isclose(chosen.bottleneck_s, ref.objective[0], rel_tol=1e-12)
 
 
 def test_stage_bounds_are_respected() -> None:

@@ -158,8 +158,10 @@ class Stage:
         states [T, hidden], or on the last stage logits of each span's last token [len(spans), vocab]
         (every token's, [T, vocab], with `all_logits`).
         """
+        if not spans:
+            raise ValueError("a micro-batch needs at least one span")
         tokens = sum(span.n for span in spans)
-        if not spans or inputs.shape[0] != tokens:
+        if inputs.shape[0] != tokens:
             raise ValueError(f"inputs have {inputs.shape[0]} rows but the {len(spans)} spans hold {tokens} tokens")
         decode_only = tokens == len(spans)
         if decode_only:
@@ -171,7 +173,7 @@ class Stage:
             if inputs.dim() != 1:
                 raise ValueError(f"the first stage takes token ids [T], got shape {list(inputs.shape)}")
             vocab = self.config.vocab_size
-            if tokens and not 0 <= int(inputs.min()) <= int(inputs.max()) < vocab:
+            if not 0 <= int(inputs.min()) <= int(inputs.max()) < vocab:
                 raise ValueError(f"token ids must be in 0..{vocab - 1}, got {inputs.min()}..{inputs.max()}")
             h = F.embedding(inputs, self.embed)
         else:

@@ -120,8 +120,8 @@ def _rope(r: _Reader, max_pos: int) -> tuple[float, Llama3RopeScaling | None]:
     (`rope_parameters`) layout; both name the scaling type under `rope_type` or legacy `type`."""
     key = "rope_parameters" if r.get("rope_parameters", None) is not None else "rope_scaling"
     params = r.get(key, None) or {}
-    if not isinstance(params, dict):
-        raise r.error(key, params, "an object with rope_type, or null")
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise r.error(key, params, "one object with rope_type (per-layer-type RoPE is not supported), or null")
     theta = params.get("rope_theta", r.get("rope_theta", DEFAULT_ROPE_THETA))
     if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
         raise r.error("rope_theta", theta, "a positive number")
