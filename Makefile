@@ -36,6 +36,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine.py
+	$(PY) bench/serving.py
+	$(PY) bench/planner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -33,10 +33,13 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, out, err
 
 
+@pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["agent-processes", "in-process"])
 def test_json_output_is_the_greedy_continuation_of_transformers(tiny_model: Path, hf_model: Callable,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                mode: list[str]) -> None:
+    """By default the stages are agent processes behind the frontend (real sockets and HTTP)."""
     code, out, err = run_cli(capsys, "generate", "--model", str(tiny_model), "--layout", "2,1",
-                             "--prompt", PROMPT, "--max-tokens", "10", "--dtype", "float64", "--json")
+                             "--prompt", PROMPT, "--max-tokens", "10", "--dtype", "float64", "--json", *mode)
     assert (code, err) == (0, "")
     result = json.loads(out)
     assert set(result) == {"token_ids", "text"}

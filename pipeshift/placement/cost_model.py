@@ -112,8 +112,24 @@ class RoleModel:
     with prefill utilisation below 1. Both are exact float computations shared by every search.
     """
 
-    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_c", "_activations", "_r0", "_r1", "_scale",
-                 "capacity", "kv_layer", "max_layers", "pi_const", "pi_slope", "weights_fixed", "weights_layer")
+    __slots__ = (
+        "_a1",
+        "_a2",
+        "_activations",
+        "_b1",
+        "_b2",
+        "_c",
+        "_r0",
+        "_r1",
+        "_scale",
+        "capacity",
+        "kv_layer",
+        "max_layers",
+        "pi_const",
+        "pi_slope",
+        "weights_fixed",
+        "weights_layer",
+    )
 
     def __init__(self, cm: CostModel, pool: Pool, n: int, role: Role) -> None:
         m, w = cm.model, cm.workload
@@ -167,7 +183,7 @@ class RoleModel:
         self._activations = act
         self.weights_layer = m.layer_weight_bytes
         self.capacity = pool.memory_gb * 1e9 * USABLE_MEMORY_FRACTION
-        self.max_layers = self._largest(lambda k: self._fits(k), m.num_layers)
+        self.max_layers = self._largest(self._fits, m.num_layers)
 
     def _fits(self, k: int) -> bool:
         return self.memory(k).total <= self.capacity and self._r1 * k + self._r0 < 1.0

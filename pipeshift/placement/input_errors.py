@@ -41,8 +41,12 @@ def _unwrap(annotation: object) -> object:
 
 
 def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
-    """The first problem, as `source: a.b.c: what is wrong; what would be valid`."""
-    first = error.errors()[0]
+    """The first problem, as `source: a.b.c: what is wrong; what would be valid`.
+
+    An unknown key is reported before anything else: it is usually a misspelling of a key that is
+    then also reported missing, and naming the misspelling is what helps.
+    """
+    first = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
     loc = tuple(first["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":

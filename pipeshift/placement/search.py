@@ -2,14 +2,18 @@
 
 Why it is exact: a stage's time depends only on its pool, its role (first/middle/last, and whether
 the next stage is on the same pool) and its layer count, and it grows with the count. So under a
-bottleneck threshold T every role has a capacity (the most layers within T and within memory), and
-an ordered device choice is feasible at T exactly when its capacities sum to the layer count. The
-split is the classic min-max partition, solved by raising T through the stage times in increasing
-order until the capacities cover every layer (the least feasible T, to the bit). Orders matter only
-through roles: keeping each pool's stages together, entering through the first stage's pool and
-leaving through the last stage's, gives every stage a role at least as good as in any other order
-(links inside a pool are never slower than out of it), so per device multiset only those canonical
-orders are tried. Multisets are pruned against the incumbent with one capacity sum each.
+bottleneck threshold T each role has a capacity (most layers within T and within memory), and an
+ordered device choice is feasible at T exactly when its capacities cover every layer. The split is
+the classic min-max partition, solved by raising T through the stage times in increasing order
+until the capacities cover the layers: the least feasible T, to the bit.
+
+Orders matter only through roles, and a few canonical orders dominate all others: each pool's
+stages kept together, the first stage's pool opening and the last stage's closing. Every other
+order has at least as many stages sending across pools (a link inside a pool is never slower than
+one out of it) and no better first or last stage. When one pool both opens and closes, its first
+stage alone opens: the first stage's time equals a middle stage's (the embedding is a lookup) and
+only its memory is tighter, so giving it the slower outgoing link costs least. Device multisets are
+pruned against the incumbent with one capacity sum each; capacities are cached per threshold.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pipeshift.placement.cost_model import (
     FIRST_INTER,
@@ -64,10 +69,19 @@ class Solution:
     caps: tuple[int, ...]  # per group: most layers per stage within `bottleneck`
 
 
-def canonical_order(u: Sequence[int], first: int, last: int, late_exit: bool) -> tuple[Stage, ...]:
+class _Incumbent(NamedTuple):
+    bottleneck: float
+    cost: float
+    u: tuple[int, ...]
+    recipe: tuple[int, int]  # (first pool, last pool) of the canonical order
+    groups: tuple[Group, ...]
+    caps: tuple[int, ...]
+
+
+def canonical_order(u: Sequence[int], first: int, last: int) -> tuple[Stage, ...]:
     """Each pool's stages together: `first`'s block opens, `last`'s closes, the others in pool order.
 
-    When one pool both opens and closes, its opening run is one stage (`late_exit` false) or two.
+    When one pool both opens and closes, its first stage alone opens and the rest close.
     """
     n = sum(u)
     if n == 1:
@@ -77,55 +91,52 @@ def canonical_order(u: Sequence[int], first: int, last: int, late_exit: bool) ->
         return ((first, FIRST_INTRA),) + ((first, MID_INTRA),) * (n - 2) + ((first, LAST),)
     middle = tuple(s for q in used if q not in (first, last)
                    for s in ((q, MID_INTRA),) * (u[q] - 1) + ((q, MID_INTER),))
-    if first != last:
-        if u[first] == 1:
-            front: tuple[Stage, ...] = ((first, FIRST_INTER),)
-        else:
-            front = ((first, FIRST_INTRA),) + ((first, MID_INTRA),) * (u[first] - 2) + ((first, MID_INTER),)
-        return front + middle + ((last, MID_INTRA),) * (u[last] - 1) + ((last, LAST),)
-    front = ((first, FIRST_INTRA), (first, MID_INTER)) if late_exit else ((first, FIRST_INTER),)
-    return front + middle + ((first, MID_INTRA),) * (u[first] - 1 - len(front)) + ((first, LAST),)
+    if first == last:
+        return ((first, FIRST_INTER),) + middle + ((first, MID_INTRA),) * (u[first] - 2) + ((first, LAST),)
+    if u[first] == 1:
+        front: tuple[Stage, ...] = ((first, FIRST_INTER),)
+    else:
+        front = ((first, FIRST_INTRA),) + ((first, MID_INTRA),) * (u[first] - 2) + ((first, MID_INTER),)
+    return front + middle + ((last, MID_INTRA),) * (u[last] - 1) + ((last, LAST),)
 
 
-def canonical_groups(u: Sequence[int]) -> list[tuple[tuple[Group, ...], tuple[int, int, bool]]]:
-    """The groups of every canonical order of `u` (computed without building the order), with its recipe."""
+def canonical_groups(u: Sequence[int]) -> list[tuple[tuple[Group, ...], tuple[int, int]]]:
+    """The groups of every canonical order of `u`, computed without building the order, with (first, last)."""
     used = [p for p, c in enumerate(u) if c]
     n = sum(u)
     if n == 1:
-        return [(((used[0], ONLY, 1),), (used[0], used[0], False))]
+        return [(((used[0], ONLY, 1),), (used[0], used[0]))]
     if len(used) == 1:
         p = used[0]
         groups = ((p, FIRST_INTRA, 1), (p, MID_INTRA, n - 2), (p, LAST, 1)) if n > 2 else (
             (p, FIRST_INTRA, 1), (p, LAST, 1))
-        return [(groups, (p, p, False))]
+        return [(groups, (p, p))]
     out = []
     for f in used:
         for last in used:
-            middle: list[Group] = []
+            if f == last and u[f] < 2:
+                continue
+            groups: list[Group] = []
             for q in used:
                 if q != f and q != last:
-                    middle.append((q, MID_INTER, 1))
+                    groups.append((q, MID_INTER, 1))
                     if u[q] > 1:
-                        middle.append((q, MID_INTRA, u[q] - 1))
-            if f != last:
+                        groups.append((q, MID_INTRA, u[q] - 1))
+            if f == last:
+                groups += [(f, FIRST_INTER, 1), (f, LAST, 1)]
+                if u[f] > 2:
+                    groups.append((f, MID_INTRA, u[f] - 2))
+            else:
                 if u[f] == 1:
-                    front: list[Group] = [(f, FIRST_INTER, 1)]
+                    groups.append((f, FIRST_INTER, 1))
                 else:
-                    front = [(f, FIRST_INTRA, 1), (f, MID_INTER, 1)]
+                    groups += [(f, FIRST_INTRA, 1), (f, MID_INTER, 1)]
                     if u[f] > 2:
-                        front.append((f, MID_INTRA, u[f] - 2))
-                back: list[Group] = [(last, LAST, 1)]
+                        groups.append((f, MID_INTRA, u[f] - 2))
+                groups.append((last, LAST, 1))
                 if u[last] > 1:
-                    back.append((last, MID_INTRA, u[last] - 1))
-                out.append((tuple(front + middle + back), (f, last, False)))
-            elif u[f] >= 2:
-                # The pool both opens and closes the pipeline: it leaves from its first stage, or later.
-                tail = [(f, MID_INTRA, u[f] - 2)] if u[f] > 2 else []
-                out.append((tuple([(f, FIRST_INTER, 1), *middle, *tail, (f, LAST, 1)]), (f, f, False)))
-                if u[f] >= 3:
-                    tail = [(f, MID_INTRA, u[f] - 3)] if u[f] > 3 else []
-                    out.append((tuple([(f, FIRST_INTRA, 1), (f, MID_INTER, 1), *middle, *tail, (f, LAST, 1)]),
-                                (f, f, True)))
+                    groups.append((last, MID_INTRA, u[last] - 1))
+            out.append((tuple(groups), (f, last)))
     return out
 
 
@@ -230,15 +241,15 @@ class Search:
         else:
             sets.sort(key=lambda s: (-sum(s[0]), s[1]))
         limit = self.cm.slo.tpot_p95_s if slo else math.inf
-        best: tuple[float, float, tuple[int, ...], tuple[int, int, bool], tuple[Group, ...], list[int]] | None = None
+        best: _Incumbent | None = None
         for u, cost in sets:
-            if mode == "cost" and best is not None and cost > best[1]:
+            if mode == "cost" and best is not None and cost > best.cost:
                 break
             n = sum(u)
             bound = limit
             if best is not None:
-                ties_lose = mode == "cost" or cost >= best[1]
-                bound = min(limit, math.nextafter(best[0], 0.0) if ties_lose else best[0])
+                ties_lose = mode == "cost" or cost >= best.cost
+                bound = min(limit, math.nextafter(best.bottleneck, 0.0) if ties_lose else best.bottleneck)
             for groups, recipe in canonical_groups(u):
                 models = self.models(n, groups)
                 if bound < math.inf and not self._may_reach(n, groups, models, bound, slo):
@@ -247,16 +258,13 @@ class Search:
                 if found is None:
                     continue
                 t, caps = found
-                if best is None or objective(mode, t, cost) < objective(mode, best[0], best[1]):
-                    best = (t, cost, u, recipe, groups, caps)
-                    ties_lose = mode == "cost" or cost >= best[1]
-                    bound = min(limit, math.nextafter(t, 0.0) if ties_lose else t)
+                if best is None or objective(mode, t, cost) < objective(mode, best.bottleneck, best.cost):
+                    best = _Incumbent(t, cost, u, recipe, groups, tuple(caps))
+                    bound = min(limit, math.nextafter(t, 0.0))  # the same multiset can only tie
         if best is None:
             return None
-        t, cost, u, recipe, groups, caps = best
-        order = canonical_order(u, *recipe)
-        arr = Arrangement(order, groups)
-        return Solution(t, cost, arr, tuple(caps))
+        arr = Arrangement(canonical_order(best.u, *best.recipe), best.groups)
+        return Solution(best.bottleneck, best.cost, arr, best.caps)
 
     def for_pools(self, pools: Sequence[int], slo: bool) -> Solution | None:
         """The best split for a fixed pool sequence (used to re-split the current layout in place)."""
@@ -268,7 +276,8 @@ class Search:
         return Solution(found[0], cost, arr, tuple(found[1]))
 
     def split(self, sol: Solution) -> list[int]:
-        """Layers per stage: fewest prefill FLOPs on slow pools first, then balanced within each pool."""
+        """Layers per stage within the caps: first to the pools that prefill fastest (the least TTFT among
+        splits with this bottleneck), then balanced within each pool."""
         arr = sol.arrangement
         models = self.models(arr.n, arr.groups)
         per_group = [m for _, m in models]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,7 +212,8 @@ class Autoscaler:
                       f"{now - self._calm_since:.0f} s: {change}{price}")
         return self._decide(now, kind, placement.layout, placement, reason)
 
-    def _request(self, mode: Mode, s: Signals, current: Layout | None, time_scale: float = 1.0) -> PlacementRequest:
+    def _request(self, mode: Mode, s: Signals, current: Layout | None,
+                 calibration: Calibration | None = None) -> PlacementRequest:
         """The planner's inputs: the observed workload, targets with headroom, the policy's bounds."""
         p, t = self.policy, self.policy.targets
         prompt = s.mean_tokens(s.prompt_tokens_rate) or p.workload.prompt_tokens
@@ -223,22 +225,32 @@ class Autoscaler:
             model=self.model, pools=self.pools, workload=workload,
             slo=Slo(t.ttft_p95_seconds, t.tpot_p95_seconds).scaled(t.headroom), mode=mode, current=current,
             migration_horizon_seconds=p.reconfiguration.migration_horizon_seconds, min_stages=p.stages.min,
-            max_stages=p.stages.max, calibration=Calibration(time_scale=time_scale))
+            max_stages=p.stages.max, calibration=calibration or Calibration())
 
-    def _time_scale(self, s: Signals, current: Layout | None, mode: Mode) -> float:
-        """Observed / predicted latency of the running layout: how much slower reality is than the model."""
+    def _calibration(self, s: Signals, current: Layout | None, mode: Mode) -> Calibration:
+        """Measured per-layer step times of the running stages, per pool, and what they leave unexplained.
+
+        The time scale is observed / predicted latency of the running layout once the measured step
+        times are in: how much slower than the model the rest of the system runs.
+        """
         known = {pool.name for pool in self.pools}
         if current is None or any(st.pool not in known for st in current):
-            return 1.0
-        predicted = estimate_layout(self._request(mode, s, current), current)
+            return Calibration()
+        measured: dict[str, list[float]] = {}
+        for st in current:
+            seconds = s.step_seconds_per_layer.get(str(st.stage_id))
+            if seconds:
+                measured.setdefault(st.pool, []).append(seconds)
+        steps = Calibration({pool: statistics.fmean(v) for pool, v in measured.items()})
+        predicted = estimate_layout(self._request(mode, s, current, steps), current)
         ratios = [obs / pred for obs, pred in ((s.ttft_p95, predicted.ttft_p95_s), (s.tpot_p95, predicted.tpot_p95_s))
                   if obs and math.isfinite(pred) and pred > 0]
-        return max(ratios) if ratios else 1.0
+        return dataclasses.replace(steps, time_scale=max(ratios) if ratios else 1.0)
 
     def _plan(self, mode: Mode, s: Signals, current: Layout | None) -> Placement | None:
         keep = current if current is not None and current.num_layers == self.model.num_layers else None
         try:
-            return plan(self._request(mode, s, keep, self._time_scale(s, keep, mode)))
+            return plan(self._request(mode, s, keep, self._calibration(s, keep, mode)))
         except UserError as e:
             logger.warning("planner: %s", e)
             return self._hold(f"planner: {e}")

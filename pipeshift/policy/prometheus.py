@@ -1,7 +1,8 @@
 """The Prometheus metric source: one instant PromQL query per signal through `prometheus-api-client`.
 
 Default queries use the names of docs/metrics.md, a rate/quantile window, and optional label
-matchers so one Prometheus can serve several deployments. Each query must yield one series.
+matchers so one Prometheus can serve several deployments. Each query must yield one series, except
+the per-stage step time, which yields one series per `stage` label.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 
 from pipeshift.errors import UserError
 from pipeshift.policy.schema import PrometheusSourceConfig
-from pipeshift.policy.signals import SIGNALS, Signals
+from pipeshift.policy.signals import PER_STAGE, SCALARS, Signals
 from pipeshift.policy.source import MetricsUnavailable
 
 
@@ -30,6 +31,9 @@ def default_queries(window_seconds: float, selector: str = "") -> dict[str, str]
         "request_rate": f"sum(rate(pipeshift_requests_total{sel}[{w}]))",
         "prompt_tokens_rate": f"sum(rate(pipeshift_prompt_tokens_total{sel}[{w}]))",
         "generated_tokens_rate": f"sum(rate(pipeshift_generated_tokens_total{sel}[{w}]))",
+        PER_STAGE: (f"sum by (stage) (rate(pipeshift_stage_step_seconds_sum{sel}[{w}])) / sum by (stage) "
+                    f"(rate(pipeshift_stage_step_seconds_count{sel}[{w}])) / max by (stage) "
+                    f"(pipeshift_stage_layers{sel})"),
     }
 
 
@@ -40,9 +44,10 @@ class PrometheusSource:
         except ImportError:
             raise UserError("the Prometheus metric source needs prometheus-api-client "
                             "(pip install 'pipeshift[operator]'), or use `scrape: {url}`") from None
-        unknown = set(queries) - set(SIGNALS)
+        names = (*SCALARS, PER_STAGE)
+        unknown = set(queries) - set(names)
         if unknown:
-            raise UserError(f"no signal named {', '.join(sorted(unknown))}; signals are {', '.join(SIGNALS)}")
+            raise UserError(f"no signal named {', '.join(sorted(unknown))}; signals are {', '.join(names)}")
         self.queries = dict(queries)
         self._client_error = PrometheusApiClientException
         self._client = PrometheusConnect(url=url, timeout=timeout_s)
@@ -53,13 +58,16 @@ class PrometheusSource:
         queries.update({k: v for k, v in config.queries.model_dump().items() if v is not None})
         return cls(config.url, queries)
 
-    def _query(self, signal: str, promql: str) -> float | None:
+    def _series(self, signal: str, promql: str) -> list[dict]:
         try:
-            result = self._client.custom_query(promql)
+            return self._client.custom_query(promql)
         except self._client_error as e:
             raise MetricsUnavailable(f"Prometheus refused the {signal} query {promql!r}: {e}") from None
         except OSError as e:  # requests' connection errors derive from OSError
             raise MetricsUnavailable(f"cannot reach Prometheus for {signal}: {e}") from None
+
+    def _query(self, signal: str, promql: str) -> float | None:
+        result = self._series(signal, promql)
         if not result:
             return None
         if len(result) > 1:
@@ -68,5 +76,15 @@ class PrometheusSource:
         value = float(result[0]["value"][1])
         return None if math.isnan(value) else value
 
+    def _by_stage(self, promql: str) -> dict[str, float]:
+        out = {}
+        for series in self._series(PER_STAGE, promql):
+            value = float(series["value"][1])
+            if "stage" in series["metric"] and math.isfinite(value):
+                out[series["metric"]["stage"]] = value
+        return out
+
     def read(self) -> Signals:
-        return Signals(**{signal: self._query(signal, q) for signal, q in self.queries.items()})
+        scalars = {signal: self._query(signal, q) for signal, q in self.queries.items() if signal != PER_STAGE}
+        per_stage = self._by_stage(self.queries[PER_STAGE]) if PER_STAGE in self.queries else {}
+        return Signals(**scalars, step_seconds_per_layer=per_stage)

@@ -6,11 +6,13 @@ Kubernetes CRD's `openAPIV3Schema` accepts (no `$ref`, nullable instead of `anyO
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeshift.api import Layout, LayoutError, StagePlan
+
+Url = Annotated[str, Field(pattern=r"^https?://\S+$")]
 
 
 class Strict(BaseModel):
@@ -78,16 +80,19 @@ class PromQueries(Strict):
     request_rate: str | None = None
     prompt_tokens_rate: str | None = None
     generated_tokens_rate: str | None = None
+    step_seconds_per_layer: str | None = Field(None, description="one series per `stage` label")
 
 
 class PrometheusSourceConfig(Strict):
-    url: str = Field(pattern=r"^https?://\S+$", description="Prometheus base URL")
+    url: Url = Field(description="Prometheus base URL")
     selector: str = Field("", description='label matchers added to every metric, e.g. job="pipeshift"')
     queries: PromQueries = PromQueries()
 
 
 class ScrapeSourceConfig(Strict):
-    url: str = Field(pattern=r"^https?://\S+$", description="the frontend's /metrics URL")
+    url: Url = Field(description="the frontend's /metrics URL")
+    stage_urls: list[Url] = Field(default_factory=list,
+                                  description="the agents' /metrics URLs, for measured per-layer step times")
 
 
 class MetricsConfig(Strict):

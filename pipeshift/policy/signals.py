@@ -3,12 +3,14 @@
 The names are those of docs/metrics.md: `pipeshift_ttft_seconds`, `pipeshift_tpot_seconds`
 (histograms → p95 over the window), `pipeshift_requests_running`, `pipeshift_requests_queued`
 (gauges), `pipeshift_requests_total`, `pipeshift_prompt_tokens_total`,
-`pipeshift_generated_tokens_total` (counters → per-second rates).
+`pipeshift_generated_tokens_total` (counters → per-second rates), and per stage (label `stage`, the
+stage id) `pipeshift_stage_step_seconds` / `pipeshift_stage_layers` for the planner's calibration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class Signals:
     request_rate: float | None = None  # finished requests/s
     prompt_tokens_rate: float | None = None  # tokens/s
     generated_tokens_rate: float | None = None  # tokens/s
+    step_seconds_per_layer: Mapping[str, float] = field(default_factory=dict)  # mean step / layers, by stage
 
     @property
     def idle(self) -> bool:
@@ -37,4 +40,6 @@ class Signals:
         return None
 
 
-SIGNALS = tuple(f.name for f in fields(Signals))
+SCALARS = ("ttft_p95", "tpot_p95", "queued", "running", "request_rate", "prompt_tokens_rate",
+           "generated_tokens_rate")
+PER_STAGE = "step_seconds_per_layer"

@@ -25,4 +25,4 @@ def build_source(config: MetricsConfig) -> MetricsSource:
     from pipeshift.policy.scrape import ScrapeSource
 
     assert config.scrape is not None  # the schema requires exactly one source
-    return ScrapeSource(config.scrape.url)
+    return ScrapeSource(config.scrape.url, stage_urls=config.scrape.stage_urls)
