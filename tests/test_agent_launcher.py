@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeshift.errors import UserError
 from pipeshift.local.processes import start_agents
-from pipeshift.runtime.model.make_model import make_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return make_model(
-        tmp_path_factory.mktemp("launcher") / "tiny",
-        layers=3,
-        hidden=16,
-        heads=2,
-        kv_heads=1,
-        intermediate=32,
-        vocab=260,
-        seed=1,
-    )
+def model_dir(model_factory: Callable[..., Path]) -> Path:
+    return model_factory(layers=3, hidden=16, heads=2, kv_heads=1, intermediate=32, vocab=260, seed=1)
 
 
 def test_agents_are_routed_in_layout_order_and_exit_cleanly_on_stop(model_dir: Path) -> None:

@@ -8,36 +8,24 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import torch
 
 from pipeshift.local.processes import LocalAgents, http_json, start_agents
 from pipeshift.runtime.frontend.background import BackgroundFrontend
 from pipeshift.runtime.frontend.config import FrontendConfig
-from pipeshift.runtime.model.make_model import make_model
 
 STEP_TIMEOUT_S = 1.5
 LONG = {"prompt": "Once upon", "max_tokens": 1800, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return make_model(
-        tmp_path_factory.mktemp("failures") / "tiny",
-        layers=2,
-        hidden=32,
-        heads=4,
-        kv_heads=2,
-        intermediate=64,
-        vocab=300,
-        seed=8,
-    )
+def model_dir(model_factory: Callable[..., Path]) -> Path:
+    return model_factory(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=300, seed=8)
 
 
 @pytest.fixture(scope="module")

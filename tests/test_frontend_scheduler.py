@@ -28,7 +28,6 @@ from pipeshift.runtime.frontend.served_model import ServedModel
 from pipeshift.runtime.metrics import FrontendMetrics
 from pipeshift.runtime.microbatch import MicroBatch, last_token_spans
 from pipeshift.runtime.model.checkpoint import ModelDir
-from pipeshift.runtime.model.make_model import make_model
 from pipeshift.runtime.pipeline import Pipeline
 from pipeshift.runtime.stage import Stage
 
@@ -40,18 +39,8 @@ Oracle = Callable[[list[int], int], list[int]]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return make_model(
-        tmp_path_factory.mktemp("sched") / "model",
-        layers=3,
-        hidden=32,
-        heads=4,
-        kv_heads=2,
-        intermediate=64,
-        vocab=VOCAB,
-        seed=11,
-    )
+def model_dir(model_factory: Callable[..., Path]) -> Path:
+    return model_factory(layers=3, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=VOCAB, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from pipeshift.runtime.frontend.background import BackgroundFrontend
 from pipeshift.runtime.frontend.config import FrontendConfig
 from pipeshift.runtime.frontend.served_model import ServedModel
 from pipeshift.runtime.model.checkpoint import ModelDir
-from pipeshift.runtime.model.make_model import make_model
 from pipeshift.runtime.pipeline import Pipeline
 
 LAYOUT = "2,1,2"
@@ -31,19 +30,9 @@ QUEUE = 16
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return make_model(
-        tmp_path_factory.mktemp("serving") / "tiny",
-        layers=5,
-        hidden=32,
-        heads=4,
-        kv_heads=2,
-        intermediate=64,
-        vocab=VOCAB,
-        seed=21,
-        tie_embeddings=True,
-    )
+def model_dir(model_factory: Callable[..., Path]) -> Path:
+    return model_factory(layers=5, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=VOCAB, seed=21,
+                         tie_embeddings=True)
 
 
 @pytest.fixture(scope="module")

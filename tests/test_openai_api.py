@@ -9,7 +9,7 @@ import asyncio
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from pipeshift.runtime.frontend.config import FrontendConfig
 from pipeshift.runtime.frontend.served_model import ServedModel
 from pipeshift.runtime.frontend.stages import StageUnreachable
 from pipeshift.runtime.model.checkpoint import ModelDir
-from pipeshift.runtime.model.make_model import make_model
 from pipeshift.runtime.pipeline import Pipeline
 
 LAYOUT = "2,1"
@@ -34,18 +33,8 @@ VOCAB = 320
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return make_model(
-        tmp_path_factory.mktemp("api") / "tiny",
-        layers=3,
-        hidden=32,
-        heads=4,
-        kv_heads=2,
-        intermediate=64,
-        vocab=VOCAB,
-        seed=5,
-    )
+def model_dir(model_factory: Callable[..., Path]) -> Path:
+    return model_factory(layers=3, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab=VOCAB, seed=5)
 
 
 @pytest.fixture(scope="module")
