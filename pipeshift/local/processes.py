@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from pipeshift.api import Layout
+from pipeshift.api import Layout, StagePlan
 from pipeshift.errors import UserError
 from pipeshift.runtime.security import TOKEN_ENV, load_control_token
 
@@ -150,7 +150,7 @@ def default_threads(processes: int) -> int:
 
 def start_agents(
     model: str | Path,
-    layout: Layout | str,
+    layout: Layout | str | Sequence[StagePlan],
     *,
     host: str = "127.0.0.1",
     return_to: str | None = None,
@@ -166,13 +166,14 @@ def start_agents(
 ) -> LocalAgents:
     """Launches one `pipeshift agent` per stage and returns once every one answers `/health`.
 
+    `layout` may also be some stages of a layout only (a stage that joins a running pipeline).
     `threads` defaults to the cores divided among the agents plus one frontend. `token` is passed to
     the agents as PIPESHIFT_CONTROL_TOKEN (default: the one configured in this process, if any). With
     `return_to`, the chain is routed too. Stage logs go to `log_dir` (default: a temporary directory),
     and a stage that dies while starting raises UserError with the tail of its log. SIGTERM to this
     process stops the agents too (see `exit_on_sigterm`).
     """
-    plan = Layout.parse(layout) if isinstance(layout, str) else layout
+    stages = Layout.parse(layout).stages if isinstance(layout, str) else tuple(layout)
     exit_on_sigterm()
     token = token if token is not None else load_control_token()
     child_env = dict(os.environ if env is None else env)
@@ -186,13 +187,13 @@ def start_agents(
         "--kv-bytes": kv_bytes,
         "--block-size": block_size,
         "--dtype": dtype,
-        "--threads": threads or default_threads(len(plan.stages) + 1),
+        "--threads": threads or default_threads(len(stages) + 1),
         "--max-batch-tokens": max_batch_tokens,
     }
     processes: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     try:
-        for stage in plan.stages:
+        for stage in stages:
             argv = [
                 sys.executable,
                 "-m",
@@ -220,7 +221,7 @@ def start_agents(
             logs.append(log)
         deadline = time.monotonic() + ready_timeout_s
         handles = []
-        for stage, process, log in zip(plan.stages, processes, logs, strict=True):
+        for stage, process, log in zip(stages, processes, logs, strict=True):
             ports = _read_ports(process, log, deadline)
             handles.append(
                 AgentHandle(

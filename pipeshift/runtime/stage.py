@@ -1,7 +1,9 @@
 """A pipeline stage: a contiguous range of decoder layers, their weights and one paged KV cache.
 
 The first stage also holds the embeddings, the last the final norm and head. Layer ranges can grow
-or shrink at either end while the stage runs, which is how live reconfiguration moves layers.
+or shrink at either end while the stage runs, which is how live reconfiguration moves layers: directly
+(`load_layers`/`unload_layers`), or in two phases, where `prepare` loads incoming layers inactive (they
+receive KV but compute nothing) and `activate` switches to the new range at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from pipeshift.runtime.kv import KVCapacityError, KVSpec, PagedKVCache, SeqSpan
 from pipeshift.runtime.model.checkpoint import EMBED_KEY, NORM_KEY, ModelDir, head_key, layer_keys
@@ -49,6 +52,12 @@ class Stage:
         self.norm: torch.Tensor | None = None
         self.head: torch.Tensor | None = None
         self._tokens: dict[int, int] = {}  # the positions each sequence reserved for
+        # Loaded but not computing until `activate`: layers and the embeddings/norm/head a new range needs.
+        self.inactive: dict[int, DecoderLayer] = {}
+        self._pending: dict[str, Tensor] = {}
+        # Sequences this stage holds only because KV was imported or reserved for a reconfiguration
+        # (not admitted in-band): `discard_prepared` releases them.
+        self._adopted: set[int] = set()
         self.start = self.end = start
         self.load_layers(start, end)
 
@@ -66,14 +75,30 @@ class Stage:
 
     # ---- KV capacity -----------------------------------------------------------------------------
 
+    @property
+    def loaded_layers(self) -> list[int]:
+        """Active and inactive layers: what this stage holds weights (and may hold KV) for."""
+        return sorted([*self.layers, *self.inactive])
+
     def blocks_for(self, tokens: int) -> int:
-        return self.spec.blocks_for(tokens, self.end - self.start)
+        """Inactive layers count too: a sequence admitted while they wait must fit them after the switch."""
+        return self.spec.blocks_for(tokens, self.end - self.start + len(self.inactive))
 
     def can_reserve(self, tokens: int) -> bool:
         return self.cache.can_reserve(self.blocks_for(tokens))
 
     def reserve(self, seq_id: int, tokens: int) -> None:
         """Make sure `seq_id` can hold `tokens` positions in every layer here (KVCapacityError if not)."""
+        self._adopted.discard(seq_id)
+        self._reserve(seq_id, tokens)
+
+    def adopt(self, seq_id: int, tokens: int) -> None:
+        """Reserve like `reserve` for a sequence announced by a reconfiguration rather than a batch."""
+        if seq_id not in self._tokens:
+            self._adopted.add(seq_id)
+        self._reserve(seq_id, tokens)
+
+    def _reserve(self, seq_id: int, tokens: int) -> None:
         needed = self.blocks_for(tokens) - self.cache.reserved_for(seq_id)
         if needed > 0:
             self.cache.reserve(seq_id, needed)
@@ -82,6 +107,18 @@ class Stage:
     def release(self, seq_id: int) -> None:
         self.cache.release(seq_id)
         self._tokens.pop(seq_id, None)
+        self._adopted.discard(seq_id)
+
+    def sequences(self) -> list[int]:
+        return sorted(self._tokens)
+
+    def reserved_tokens(self, seq_id: int) -> int:
+        """The positions `seq_id` reserved for here (0 if unknown): what a target must reserve for it too."""
+        return self._tokens.get(seq_id, 0)
+
+    def kv_layers(self) -> list[int]:
+        """Layers any sequence holds KV blocks of (after a clean switch: exactly the held range, or none)."""
+        return sorted({layer for seq in self.cache.sequences() for layer in self.cache.layers_of(seq)})
 
     # ---- layers ----------------------------------------------------------------------------------
 
@@ -96,23 +133,17 @@ class Stage:
         new_start, new_end = (min(start, self.start), max(end, self.end)) if held else (start, end)
         top_up = {seq: self.spec.blocks_for(tokens, new_end - new_start) - self.cache.reserved_for(seq)
                   for seq, tokens in self._tokens.items()}
+        if self.inactive:
+            raise ValueError(f"cannot load layers [{start}, {end}) while layers {sorted(self.inactive)} are "
+                             "prepared for a reconfiguration; activate or discard them first")
         if not self.cache.can_reserve(sum(b for b in top_up.values() if b > 0)):
             raise KVCapacityError(f"loading layers [{start}, {end}) needs {sum(top_up.values())} more KV blocks "
                                   f"for {len(top_up)} live sequences; the pool has {self.cache.free_blocks} free")
-        want_embed = new_start == 0 and self.embed is None
-        want_head = new_end == c.num_layers and self.head is None
-        reuse_embed = c.tie_word_embeddings and (self.embed is not None or want_embed)
-        keys = [k for i in range(start, end) for k in layer_keys(i)]
-        read_embed = want_embed and not (c.tie_word_embeddings and self.head is not None)
-        keys += [EMBED_KEY] * read_embed + [NORM_KEY] * want_head + [head_key(c)] * (want_head and not reuse_embed)
-        tensors = self.model.read(list(dict.fromkeys(keys)), self.dtype)
-        for i in range(start, end):
-            self.layers[i] = DecoderLayer(i, LayerWeights.from_checkpoint(i, tensors), c)
-        if want_embed:
-            self.embed = tensors[EMBED_KEY] if read_embed else self.head
-        if want_head:
-            self.norm = tensors[NORM_KEY]
-            self.head = self.embed if reuse_embed else tensors[head_key(c)]
+        layers, extras = self._read(range(start, end), new_start, new_end)
+        self.layers.update(layers)
+        self.embed = extras.get("embed", self.embed)
+        self.norm = extras.get("norm", self.norm)
+        self.head = extras.get("head", self.head)
         self.start, self.end = new_start, new_end
         self.layers = dict(sorted(self.layers.items()))
         for seq, blocks in top_up.items():
@@ -137,15 +168,115 @@ class Stage:
             self.embed = None
         if not self.is_last:
             self.norm = self.head = None
+        self._trim_reservations()
+        logger.debug("stage now holds layers [%d, %d)", self.start, self.end)
+
+    def _read(self, indices: Sequence[int], new_start: int,
+              new_end: int) -> tuple[dict[int, DecoderLayer], dict[str, Tensor]]:
+        """Layers `indices` from the checkpoint, plus the embeddings, norm and head that the range
+        `[new_start, new_end)` needs and this stage lacks (shared when the model ties them)."""
+        c = self.config
+        want_embed = new_start == 0 and self.embed is None
+        want_head = new_end == c.num_layers and self.head is None
+        reuse_embed = c.tie_word_embeddings and (self.embed is not None or want_embed)
+        keys = [k for i in indices for k in layer_keys(i)]
+        read_embed = want_embed and not (c.tie_word_embeddings and self.head is not None)
+        keys += [EMBED_KEY] * read_embed + [NORM_KEY] * want_head + [head_key(c)] * (want_head and not reuse_embed)
+        tensors = self.model.read(list(dict.fromkeys(keys)), self.dtype)
+        layers = {i: DecoderLayer(i, LayerWeights.from_checkpoint(i, tensors), c) for i in indices}
+        extras: dict[str, Tensor] = {}
+        if want_embed:
+            extras["embed"] = tensors[EMBED_KEY] if read_embed else self.head  # type: ignore[assignment]
+        if want_head:
+            extras["norm"] = tensors[NORM_KEY]
+            extras["head"] = extras.get("embed", self.embed) if reuse_embed else tensors[head_key(c)]  # type: ignore[assignment]
+        return layers, extras
+
+    def _trim_reservations(self) -> None:
+        """Give back reserved blocks that the layers now held no longer need (never below what is written)."""
         for seq, tokens in self._tokens.items():
             spare = self.cache.reserved_for(seq) - max(self.blocks_for(tokens), self.cache.allocated_for(seq))
             if spare > 0:
                 self.cache.unreserve(seq, spare)
-        logger.debug("stage now holds layers [%d, %d)", self.start, self.end)
+
+    # ---- two-phase range change (live reconfiguration) --------------------------------------------
+
+    def prepare(self, start: int, end: int) -> list[int]:
+        """Load the layers of the new range `[start, end)` that this stage lacks, inactive; returns them.
+
+        The new range must overlap the held one (or equal it), so incoming layers border it. Forward keeps
+        computing the held range; reservations of live sequences grow to cover the incoming layers.
+        """
+        c = self.config
+        if not 0 <= start < end <= c.num_layers or end <= self.start or start >= self.end:
+            raise ValueError(f"cannot prepare layers [{start}, {end}) on a stage holding [{self.start}, {self.end}) "
+                             f"of {c.num_layers}: the new range must be non-empty and overlap the held one")
+        incoming = [i for i in range(start, end) if i not in self.layers and i not in self.inactive]
+        top_up = {seq: self.spec.blocks_for(tokens, self.end - self.start + len(self.inactive) + len(incoming))
+                  - self.cache.reserved_for(seq) for seq, tokens in self._tokens.items()}
+        needed = sum(b for b in top_up.values() if b > 0)
+        if incoming and not self.cache.can_reserve(needed):
+            unreserved = self.cache.total_blocks - self.cache.reserved_blocks
+            raise KVCapacityError(f"preparing layers {incoming} needs {needed} more KV blocks for "
+                                  f"{len(top_up)} live sequences; {unreserved} are unreserved")
+        if incoming:
+            layers, extras = self._read(incoming, start, end)
+            self.inactive.update(layers)
+            self._pending.update(extras)
+        self.inactive = dict(sorted(self.inactive.items()))
+        for seq, blocks in top_up.items():
+            if blocks > 0:
+                self.cache.reserve(seq, blocks)
+        logger.debug("stage holds layers [%d, %d), prepared %s", self.start, self.end, incoming)
+        return incoming
+
+    def activate(self, start: int, end: int) -> list[int]:
+        """Switch to computing `[start, end)`: prepared layers join, layers outside it leave with their KV.
+
+        Returns the layers that left. Every layer of the new range must be held or prepared.
+        """
+        missing = [i for i in range(start, end) if i not in self.layers and i not in self.inactive]
+        if missing or not 0 <= start < end <= self.config.num_layers:
+            raise ValueError(f"cannot activate layers [{start}, {end}): layers {missing} are neither held nor "
+                             f"prepared (held [{self.start}, {self.end}), prepared {sorted(self.inactive)})")
+        stray = [i for i in self.inactive if not start <= i < end]
+        outgoing = [i for i in self.layers if not start <= i < end]
+        for i in stray:
+            del self.inactive[i]
+            self.cache.drop_layer(i)
+        for i in outgoing:
+            del self.layers[i]
+            self.cache.drop_layer(i)
+        self.layers = dict(sorted({**self.layers, **self.inactive}.items()))
+        self.inactive = {}
+        self.embed = self._pending.get("embed", self.embed) if start == 0 else None
+        last = end == self.config.num_layers
+        self.norm = self._pending.get("norm", self.norm) if last else None
+        self.head = self._pending.get("head", self.head) if last else None
+        self._pending = {}
+        self._adopted.clear()
+        self.start, self.end = start, end
+        self._trim_reservations()
+        logger.debug("stage activated layers [%d, %d); %s left", start, end, outgoing)
+        return outgoing
+
+    def discard_prepared(self) -> list[int]:
+        """Undo `prepare` and any KV imported since: drop inactive layers and adopted sequences."""
+        dropped = sorted(self.inactive)
+        for i in dropped:
+            self.cache.drop_layer(i)
+        self.inactive = {}
+        self._pending = {}
+        for seq in sorted(self._adopted):
+            self.release(seq)
+        self._trim_reservations()
+        return dropped
 
     def weight_bytes(self) -> int:
-        extras = {id(t): t for t in (self.embed, self.norm, self.head) if t is not None}
-        return (sum(layer.w.nbytes() for layer in self.layers.values())
+        """Active and prepared weights alike: both occupy memory."""
+        tensors = (self.embed, self.norm, self.head, *self._pending.values())
+        extras = {id(t): t for t in tensors if t is not None}
+        return (sum(layer.w.nbytes() for layer in (*self.layers.values(), *self.inactive.values()))
                 + sum(t.numel() * t.element_size() for t in extras.values()))
 
     # ---- compute ---------------------------------------------------------------------------------

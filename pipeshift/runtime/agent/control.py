@@ -1,4 +1,5 @@
-"""The agent's HTTP control API: health and metrics (open), info, stats, routing, layers and pool (token).
+"""The agent's HTTP control API: health and metrics (open), info, stats, routing, layers, pool and live
+reconfiguration (prepare, precopy, commit, abort), all but health and metrics behind the token.
 
 State changes run on the stage's worker thread between micro-batches and are idempotent per request id.
 """
@@ -12,10 +13,11 @@ from typing import Annotated, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from pipeshift.runtime.agent.dataplane import DataPlane
 from pipeshift.runtime.agent.idempotency import Answer, IdempotencyCache
+from pipeshift.runtime.agent.reconfig import Reconfigurer
 from pipeshift.runtime.agent.worker import StageWorker, StateConflict
 from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.security import bearer_matches
@@ -46,6 +48,48 @@ class ResizeBody(_Body):
     blocks: Annotated[StrictInt, Field(ge=1)]
 
 
+ReconfigId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+LayerRange = Annotated[list[Count], Field(min_length=2, max_length=2)]
+
+
+class PrepareBody(_Body):
+    reconfig_id: ReconfigId
+    epoch: Count
+    layers: LayerRange
+    sequences: dict[StrictStr, Count] = Field(default_factory=dict)
+    resize: StrictBool = True
+
+
+class PrecopyBody(_Body):
+    reconfig_id: ReconfigId
+    target: StrictStr
+    layers: Annotated[list[Count], Field(min_length=1)]
+
+
+class CommitBody(_Body):
+    reconfig_id: ReconfigId
+    epoch: Count
+    layers: LayerRange
+    downstream: StrictStr
+    sequences: list[Count] = Field(default_factory=list)
+    resize: StrictBool = True
+
+
+class AbortBody(_Body):
+    reconfig_id: ReconfigId
+
+
+def _range(layers: list[int]) -> tuple[int, int]:
+    return layers[0], layers[1]
+
+
+def _seq_ids(sequences: dict[str, int]) -> dict[int, int]:
+    try:
+        return {int(seq): tokens for seq, tokens in sequences.items()}
+    except ValueError:
+        raise ValueError(f"field 'sequences': keys must be sequence ids (integers), got {sorted(sequences)}") from None
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -66,7 +110,7 @@ class ControlAPI:
         self.data = data
         self.metrics = metrics
         self.token = token
-        self.epoch = 0
+        self.reconfig = Reconfigurer(worker, data, token)
         self.idempotent = IdempotencyCache()
 
     def app(self) -> web.Application:
@@ -79,6 +123,10 @@ class ControlAPI:
         app.router.add_post("/layers/load", self._changing(LayersBody, self._load))
         app.router.add_post("/layers/unload", self._changing(LayersBody, self._unload))
         app.router.add_post("/pool/resize", self._changing(ResizeBody, self._resize))
+        app.router.add_post("/reconfig/prepare", self._changing(PrepareBody, self._prepare))
+        app.router.add_post("/reconfig/precopy", self._changing(PrecopyBody, self._precopy))
+        app.router.add_post("/reconfig/commit", self._changing(CommitBody, self._commit))
+        app.router.add_post("/reconfig/abort", self._changing(AbortBody, self._abort))
         return app
 
     @web.middleware
@@ -106,7 +154,8 @@ class ControlAPI:
         info = await self.worker.call(self.worker.info)
         info["data"] = {"host": self.worker.config.host, "port": self.data.port}
         info["downstream"] = self.data.downstream.address
-        info["epoch"] = self.epoch
+        info["epoch"] = self.reconfig.epoch
+        info["reconfig"] = self.reconfig.describe()
         return info
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -114,6 +163,8 @@ class ControlAPI:
         return web.json_response(
             {
                 **steps,
+                "loaded_layers": await self.worker.call(lambda: self.worker.stage.loaded_layers),
+                "kv_layers": await self.worker.call(self.worker.stage.kv_layers),
                 "frames_rejected": self.data.rejected,
                 "upstream_connections": self.data.upstreams,
                 "downstream": self.data.downstream.address,
@@ -169,3 +220,22 @@ class ControlAPI:
     async def _resize(self, body: ResizeBody) -> Answer:
         await self.worker.call(self.worker.resize, body.blocks)
         return 200, await self._info()
+
+    async def _prepare(self, body: PrepareBody) -> Answer:
+        answer = await self.reconfig.prepare(
+            body.reconfig_id, body.epoch, _range(body.layers), _seq_ids(body.sequences), body.resize
+        )
+        return 200, answer
+
+    async def _precopy(self, body: PrecopyBody) -> Answer:
+        return 200, await self.reconfig.precopy(body.reconfig_id, body.target, body.layers)
+
+    async def _commit(self, body: CommitBody) -> Answer:
+        await self.reconfig.commit(
+            body.reconfig_id, body.epoch, _range(body.layers), body.downstream, body.sequences, body.resize
+        )
+        return 200, await self._info()
+
+    async def _abort(self, body: AbortBody) -> Answer:
+        dropped = await self.reconfig.abort(body.reconfig_id)
+        return 200, {"dropped_layers": dropped, **await self._info()}

@@ -1,6 +1,7 @@
 """The agent's data path: upstream connections → queue → the compute worker → queue → downstream.
 
 Bounded queues let the next batch arrive while one computes and one is sent, without buffering more.
+Peers that say they are "migrate" carry KV blocks for a reconfiguration instead (see `migrate`).
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import torch
 
 from pipeshift.errors import UserError
 from pipeshift.runtime.agent.downstream import Downstream
-from pipeshift.runtime.agent.worker import StageWorker
+from pipeshift.runtime.agent.worker import StageWorker, StateConflict
+from pipeshift.runtime.kv import KVCapacityError
 from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.microbatch import MAX_SEQS, MicroBatch, MicroBatchReader, data_limits
+from pipeshift.runtime.migrate import MIGRATE_ROLE, KVChunk, chunk_from, chunk_header, migration_limits
 from pipeshift.runtime.transport import Frame, FrameError, FrameLimits, HandshakeRefused, Kind, PeerClosed
 from pipeshift.runtime.transport.handshake import HELLO_LIMITS, accept_hello
 from pipeshift.runtime.transport.sockets import recv_frame, send_frame
@@ -45,6 +48,8 @@ class DataPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstreams = 0
         self.rejected = 0
+        # Set by the reconfiguration state: imports one chunk on the worker thread, returns its blocks.
+        self.kv_import: Callable[[KVChunk], int] | None = None
 
     @property
     def port(self) -> int:
@@ -106,6 +111,9 @@ class DataPlane:
             peer = accept_hello(hello, self._token, address)
             who = f"{peer.role} {peer.stage_id} at {address}"
             await send_frame(conn, Frame.message(Kind.ACK))
+            if peer.role == MIGRATE_ROLE:
+                await self._receive_kv(conn)
+                return
             reader = MicroBatchReader()
             while True:
                 frame = await recv_frame(conn, (*self.limits(), FrameLimits.messages(Kind.CLOSE)))
@@ -134,6 +142,37 @@ class DataPlane:
         finally:
             self.upstreams -= 1
             conn.close()
+
+    async def _receive_kv(self, conn: socket.socket) -> None:
+        """Import chunks in arrival order; on `flush`, answer how many blocks were imported since the last
+        one, or the first error (later chunks of that round are skipped, so the source resends them)."""
+        limits = migration_limits(self.worker.stage.spec)
+        header: tuple[int, int] | None = None
+        imported, error = 0, ""
+        while True:
+            frame = await recv_frame(conn, limits)
+            if frame.kind is Kind.CLOSE:
+                return
+            if frame.kind is Kind.CONTROL:
+                body = frame.body()
+                if "flush" in body:
+                    reply = {"error": error} if error else {"imported": imported}
+                    await send_frame(conn, Frame.message(Kind.CONTROL, reply))
+                    imported, error = 0, ""
+                    continue
+                header = chunk_header(frame)
+                continue
+            chunk, header = chunk_from(header, frame), None
+            if error:
+                continue
+            if self.kv_import is None:
+                error = "this stage takes no KV imports"
+                continue
+            try:
+                imported += await self.worker.call(self.kv_import, chunk)
+            except (StateConflict, KVCapacityError, ValueError) as exc:
+                error = f"stage {self.worker.config.stage_id}: {exc}"
+                logger.warning("stage %d: KV import failed: %s", self.worker.config.stage_id, exc)
 
     def _reject(self) -> None:
         self.rejected += 1

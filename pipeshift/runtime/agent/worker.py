@@ -131,6 +131,9 @@ class StageWorker:
         return {
             "stage_id": self.config.stage_id,
             "layers": [self.stage.start, self.stage.end],
+            "loaded_layers": self.stage.loaded_layers,
+            "kv_layers": self.stage.kv_layers(),
+            "weight_bytes": self.stage.weight_bytes(),
             "num_layers": self.model.num_layers,
             "hidden_size": self.model.hidden_size,
             "vocab_size": self.model.vocab_size,
@@ -148,7 +151,7 @@ class StageWorker:
         }
 
     def load_layers(self, start: int, end: int) -> None:
-        self._check_range(start, end)
+        self.check_range(start, end)
         if start != self.stage.end and end != self.stage.start:
             raise StateConflict(
                 f"layers [{start}, {end}) do not border the held range "
@@ -156,12 +159,12 @@ class StageWorker:
             )
         try:
             self.stage.load_layers(start, end)
-        except KVCapacityError as exc:
+        except (KVCapacityError, ValueError) as exc:
             raise StateConflict(str(exc)) from None
         self.refresh_gauges()
 
     def unload_layers(self, start: int, end: int) -> None:
-        self._check_range(start, end)
+        self.check_range(start, end)
         held = (self.stage.start, self.stage.end)
         if (
             (start, end) == held
@@ -198,7 +201,7 @@ class StageWorker:
                     f"context ends at {limit - 1}"
                 )
 
-    def _check_range(self, start: int, end: int) -> None:
+    def check_range(self, start: int, end: int) -> None:
         if not 0 <= start < end <= self.model.num_layers:
             raise ValueError(
                 f"layer range [{start}, {end}) is not within the model's 0..{self.model.num_layers}"

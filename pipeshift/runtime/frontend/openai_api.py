@@ -26,6 +26,7 @@ from pipeshift.runtime.frontend.requests import (
 )
 from pipeshift.runtime.frontend.scheduler import QueueFull, Unavailable
 from pipeshift.runtime.frontend.sequence import Delta, Failure, GenerationParams, Sequence
+from pipeshift.runtime.frontend.switch_api import SwitchRoutes
 from pipeshift.runtime.security import bearer_matches
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def build_app(frontend: Frontend) -> web.Application:
             web.get("/health", api.health),
             web.get("/metrics", api.metrics),
             web.get("/control/state", api.control_state),
+            *SwitchRoutes(frontend).routes(),
         ]
     )
     return app

@@ -6,10 +6,14 @@ each slot has at most one batch in the pipeline, which is what lets a sequence's
 token sampled from the previous one. Admission (`reserve`) and frees (`release`) travel inside the
 batches so every stage applies them in the same order as the computation. The scheduler does no I/O:
 it hands finished batches to `send` and is fed returned ones through `on_result`, all on one event loop.
+
+For a layout switch the gate closes (`hold`): no new micro-batch starts, in-flight ones finish and the
+pending releases still go out, so the stages hold exactly the live sequences when the gate reports HELD.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
@@ -35,6 +39,16 @@ class QueueFull(RuntimeError):
 
 class Unavailable(RuntimeError):
     """The pipeline is down; new requests fail fast (HTTP 503) instead of waiting for it."""
+
+
+class SwitchError(RuntimeError):
+    """A hold or resume of a layout switch could not be done; the message says why."""
+
+
+class Gate(enum.Enum):
+    OPEN = "open"
+    DRAINING = "draining"
+    HELD = "held"
 
 
 @dataclass(frozen=True)
@@ -86,11 +100,18 @@ class Scheduler:
         self.in_flight: dict[int, InFlight] = {}
         self.pending_release: list[Sequence] = []
         self.down_reason: str | None = None
+        self.gate = Gate.OPEN
+        # Called once when a hold has drained: nothing in flight, every pending release delivered.
+        self.on_held: Callable[[], None] | None = None
         self._next_batch_id = 0
 
     @property
     def running(self) -> int:
         return sum(len(s.running) for s in self.slots)
+
+    def live_sequences(self) -> dict[int, int]:
+        """The sequences holding KV on the stages, with the positions each reserved (prompt + max_tokens)."""
+        return {seq.seq_id: seq.reserve_tokens for slot in self.slots for seq in slot.running}
 
     def submit(self, seq: Sequence) -> None:
         """Queue a validated sequence (it fits the stages' pools when they are idle)."""
@@ -116,24 +137,41 @@ class Scheduler:
         self.pump()
 
     def pump(self) -> None:
-        """Send a batch on every idle slot that has something to do."""
-        if self.down_reason is not None:
+        """Send a batch on every idle slot that has something to do (while held: releases only)."""
+        if self.down_reason is not None or self.gate is Gate.HELD:
             return
         for slot in self.slots:
             if slot.in_flight is None:
                 batch = self._build(slot)
                 if batch is not None:
                     self._send(batch)
+        if self.gate is Gate.DRAINING and not self.in_flight and not self.pending_release:
+            self.gate = Gate.HELD
+            if self.on_held is not None:
+                self.on_held()
+
+    def hold(self) -> None:
+        """Start no more computation; the gate becomes HELD once the pipeline is empty."""
+        if self.gate is Gate.OPEN:
+            self.gate = Gate.DRAINING
+        self.pump()
+
+    def open(self) -> None:
+        """Serve again after a hold (on whatever chain `send` now reaches)."""
+        self.gate = Gate.OPEN
+        self.pump()
 
     def _build(self, slot: Slot) -> MicroBatch | None:
-        spans = [SeqSpan(s.seq_id, s.computed, 1) for s in slot.running]
-        inputs = [s.output[-1] for s in slot.running]
+        computing = self.gate is Gate.OPEN
+        running = slot.running if computing else []
+        spans = [SeqSpan(s.seq_id, s.computed, 1) for s in running]
+        inputs = [s.output[-1] for s in running]
         reserve = [0] * len(spans)
-        members = list(slot.running)
+        members = list(running)
         releases = self._take_releases()
         share = math.ceil((self.running + len(self.waiting)) / len(self.slots))
         tokens, admitted = len(inputs), 0
-        while self.waiting and len(slot.running) < share and admitted < MAX_RESERVES:
+        while computing and self.waiting and len(slot.running) < share and admitted < MAX_RESERVES:
             seq = self.waiting[0]
             # The first prompt of a batch may exceed the cap by the decode spans already in it: a long
             # prompt must not starve behind a slot that always has decodes.

@@ -2,6 +2,7 @@
 and the watchdogs that turn a dead or stuck stage into clear errors instead of hanging requests.
 
 `start_frontend(config)` returns a running `Frontend` (its `port` bound); `await frontend.stop()` ends it.
+`hold()` and `resume(stages, epoch)` are the switch barrier a layout change runs between.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeshift.errors import UserError
 from pipeshift.runtime.frontend.admission import KVMirror, StageBudget
 from pipeshift.runtime.frontend.config import FrontendConfig
 from pipeshift.runtime.frontend.openai_api import build_app
-from pipeshift.runtime.frontend.scheduler import Scheduler, SchedulerConfig
+from pipeshift.runtime.frontend.scheduler import Gate, Scheduler, SchedulerConfig, SwitchError
 from pipeshift.runtime.frontend.served_model import ServedModel
 from pipeshift.runtime.frontend.stages import AgentClient, DataPlane, StageInfo, StageUnreachable
 from pipeshift.runtime.metrics import FrontendMetrics
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 1.0
 # While the pipeline is down, stages are polled this often so serving resumes soon after they answer.
 RECOVERY_POLL_S = 0.5
+# A hold re-checks for a broken pipeline this often while it waits for the drain.
+HOLD_POLL_S = 0.05
 
 
 class Frontend:
@@ -45,6 +48,8 @@ class Frontend:
         self.started_at = int(time.time())
         self.port = 0
         self.infos: list[StageInfo] = []
+        # The chain's control addresses in order; a layout switch replaces them.
+        self.stages: list[str] = list(config.stages)
         self.stage_up = [False] * len(config.stages)
         self.scheduler: Scheduler
         # Agents may still hold sequences of an earlier frontend; a random first id avoids reusing theirs.
@@ -56,6 +61,7 @@ class Frontend:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._breaking: asyncio.Task[None] | None = None
+        self._held = asyncio.Event()
 
     def next_seq_id(self) -> int:
         return next(self._seq_ids)
@@ -99,6 +105,7 @@ class Frontend:
         self.scheduler = Scheduler(
             sched_config, mirror, self._data.send, self.metrics, epoch=self.infos[0].epoch
         )
+        self.scheduler.on_held = self._held.set
         await self._data.start()
         await self._wire()
         self._runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None)
@@ -123,7 +130,7 @@ class Frontend:
     def health(self) -> dict[str, Any]:
         stages = [
             {"stage": i, "address": a, "up": up}
-            for i, (a, up) in enumerate(zip(self.config.stages, self.stage_up, strict=True))
+            for i, (a, up) in enumerate(zip(self.stages, self.stage_up, strict=True))
         ]
         down = self.scheduler.down_reason
         status = "ok" if down is None and all(self.stage_up) else "degraded"
@@ -137,6 +144,9 @@ class Frontend:
         return {
             "model": self.model.name,
             "epoch": s.epoch,
+            "gate": s.gate.value,
+            "sequences": {str(k): v for k, v in s.live_sequences().items()},
+            "return_address": self._data.return_address if self._data is not None else None,
             "slots": len(s.slots),
             "running": s.running,
             "waiting": len(s.waiting),
@@ -146,10 +156,79 @@ class Frontend:
             "stages": self.health()["stages"],
         }
 
+    async def hold(self, timeout_s: float) -> list[int]:
+        """Close the gate and wait until no micro-batch is in flight; the live sequences' ids.
+
+        A hold that cannot drain (the pipeline broke, or `timeout_s` passed) reopens the gate, so a
+        failed switch leaves the old chain serving, and raises SwitchError.
+        """
+        s = self.scheduler
+        if s.down_reason is not None:
+            raise SwitchError(f"cannot hold: the pipeline is down ({s.down_reason})")
+        if s.gate is not Gate.HELD:
+            self._held.clear()
+            s.hold()
+        deadline = time.monotonic() + timeout_s
+        while s.gate is not Gate.HELD:
+            if s.down_reason is not None or time.monotonic() > deadline:
+                why = s.down_reason or f"{len(s.in_flight)} micro-batches still in flight after {timeout_s}s"
+                s.open()
+                raise SwitchError(f"the hold did not drain: {why}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._held.wait(), HOLD_POLL_S)
+        return sorted(s.live_sequences())
+
+    async def resume(self, stages: list[str] | None, epoch: int | None) -> None:
+        """Serve again: on the old chain, or on `stages` (control addresses in order) at layout `epoch`.
+
+        The new chain is read and wired before the gate opens; if that fails the gate stays closed
+        (the stages have already switched, so serving on the old chain would be wrong) and a retry
+        may try again.
+        """
+        s = self.scheduler
+        if stages is not None:
+            if s.gate is not Gate.HELD:
+                raise SwitchError(f"resume on new stages needs a completed hold; the gate is {s.gate.value}")
+            await self._rewire(stages)
+            if epoch is not None:
+                s.epoch = epoch
+        s.open()
+        logger.info("serving again at epoch %d through %d stages", s.epoch, len(self.stages))
+
+    async def _rewire(self, stages: list[str]) -> None:
+        assert self._session is not None
+        agents = [AgentClient(self._session, a, self.config.control_token) for a in stages]
+        infos = list(await asyncio.gather(*(a.info() for a in agents)))
+        old = (self.stages, self._agents, self.infos)
+        self.stages, self._agents, self.infos = list(stages), agents, infos
+        try:
+            self._check_stages()
+            await self._wire()
+        except BaseException:
+            self.stages, self._agents, self.infos = old
+            raise
+        self.stage_up = [True] * len(infos)
+        for i in range(len(infos)):
+            self.metrics.stage_up.labels(str(i)).set(1)
+        self.scheduler.mirror = self._mirror_after_switch(infos)
+
+    def _mirror_after_switch(self, infos: list[StageInfo]) -> KVMirror:
+        """New capacities from the stages; reservations at least what our own live sequences hold, so the
+        releases to come never drive a stage's count below zero."""
+        s = self.scheduler
+        holding = [seq.reserve_tokens for slot in s.slots for seq in slot.running]
+        holding += [seq.reserve_tokens for seq in s.pending_release]
+        budgets = []
+        for i in infos:
+            budget = StageBudget(i.stage_id, i.num_layers, i.block_size, i.total_blocks)
+            budget.reserved_blocks = max(i.reserved_blocks, sum(budget.blocks_for(t) for t in holding))
+            budgets.append(budget)
+        return KVMirror(budgets)
+
     def _check_stages(self) -> None:
         """The stages must hold the model's layers in order, with its vocabulary; else they are mis-wired."""
         expected = 0
-        for address, info in zip(self.config.stages, self.infos, strict=True):
+        for address, info in zip(self.stages, self.infos, strict=True):
             if info.start != expected:
                 raise UserError(
                     f"stage at {address} holds layers [{info.start}, {info.end}) but the pipeline "
@@ -219,7 +298,7 @@ class Frontend:
         results = await asyncio.gather(*(a.healthy(HEALTH_TIMEOUT_S) for a in self._agents))
         for i, up in enumerate(results):
             if up != self.stage_up[i]:
-                logger.warning("stage %d at %s is %s", i, self.config.stages[i], "up" if up else "down")
+                logger.warning("stage %d at %s is %s", i, self.stages[i], "up" if up else "down")
             self.stage_up[i] = up
             self.metrics.stage_up.labels(str(i)).set(1 if up else 0)
 

@@ -31,50 +31,51 @@ def paged_attention(q: Tensor, cache: PagedKVCache, layer: int, spans: Sequence[
             f"totalling {total} tokens, got {list(q.shape)}"
         )
     gqa = q.shape[1] != spec.num_kv_heads
+    if spans and total == len(spans):  # a pure decode batch, the common case: no scatter into `out`
+        return _decode(q, cache, layer, spans, scale, gqa)
     out = torch.empty_like(q)
     decode_rows: list[int] = []
-    decode: list[tuple[int, int]] = []
+    decode: list[SeqSpan] = []
     row = 0
     for span in spans:
         if span.n == 1:
             decode_rows.append(row)
-            decode.append((span.seq_id, span.end))
+            decode.append(span)
         else:
             out[row : row + span.n] = _prefill(q[row : row + span.n], cache, layer, span, scale, gqa)
         row += span.n
     if decode:
-        _decode(q, out, decode_rows, cache, layer, decode, scale, gqa)
+        index = torch.tensor(decode_rows, device=q.device)
+        out.index_copy_(0, index, _decode(q.index_select(0, index), cache, layer, decode, scale, gqa))
     return out
 
 
-def _decode(
-    q: Tensor,
-    out: Tensor,
-    rows: list[int],
-    cache: PagedKVCache,
-    layer: int,
-    seq_lengths: list[tuple[int, int]],
-    scale: float,
-    gqa: bool,
-) -> None:
+def _decode(q: Tensor, cache: PagedKVCache, layer: int, spans: Sequence[SeqSpan], scale: float, gqa: bool) -> Tensor:
+    """One query token per span (`q` is `[len(spans), heads, head_dim]`), all in one padded SDPA call.
+
+    The gather is cut to the longest span; when all spans are equally long (a batch that started
+    together) nothing is padding, and SDPA without a mask takes about a quarter less time.
+    """
+    seq_lengths = [(span.seq_id, span.end) for span in spans]
+    lengths = [length for _, length in seq_lengths]
     k, v = cache.read_batch(layer, seq_lengths, scratch=True)
-    lengths = torch.tensor([length for _, length in seq_lengths], device=q.device)
-    mask = torch.arange(k.shape[1], device=q.device) < lengths[:, None]
-    all_rows = len(rows) == q.shape[0]
-    index = None if all_rows else torch.tensor(rows, device=q.device)
-    queries = q if index is None else q.index_select(0, index)
-    attended = F.scaled_dot_product_attention(
-        queries.unsqueeze(2),
-        k.to(q.dtype).transpose(1, 2),
-        v.to(q.dtype).transpose(1, 2),
-        attn_mask=mask[:, None, None, :],
+    longest = max(lengths)
+    if longest < k.shape[1]:
+        k, v = k[:, :longest], v[:, :longest]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    mask = None
+    if min(lengths) != longest:
+        mask = torch.arange(longest, device=q.device) < torch.tensor(lengths, device=q.device)[:, None]
+        mask = mask[:, None, None, :]
+    return F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
         scale=scale,
         enable_gqa=gqa,
     ).squeeze(2)
-    if index is None:
-        out.copy_(attended)
-    else:
-        out.index_copy_(0, index, attended)
 
 
 def _prefill(q: Tensor, cache: PagedKVCache, layer: int, span: SeqSpan, scale: float, gqa: bool) -> Tensor:

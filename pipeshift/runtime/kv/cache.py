@@ -185,49 +185,22 @@ class PagedKVCache:
             return
         if len({span.seq_id for span in spans}) != len(spans):
             raise ValueError(f"write_spans got a sequence more than once in {list(spans)}")
-        bs = self.spec.block_size
-        plans: list[tuple[SeqSpan, list[int]]] = []
-        for span in spans:
-            blocks = self._blocks(span.seq_id, layer)
-            length = blocks.length if blocks else 0
-            if span.start > length:
-                raise ValueError(
-                    f"write at position {span.start} of sequence {span.seq_id} layer {layer} would leave "
-                    f"a hole: it holds {length} positions, so start must be <= {length}"
-                )
-            table = blocks.table if blocks else []
-            missing = [
-                lb for lb in range(span.start // bs, (span.end - 1) // bs + 1) if lb >= len(table) or table[lb] == _HOLE
-            ]
-            self._check_reservation(span.seq_id, layer, len(missing))
-            plans.append((span, missing))
-
+        plans = [self._plan_write(layer, span) for span in spans]
         self._clock += 1
-        device = self.spec.device
-        # Row of every token in the global row space (block * bs + slot). Decode tokens are collected
-        # as ints; only prefill spans pay for tensor arithmetic.
-        chunks: list[Tensor] = []
-        single: list[int] = []
-        for span, missing in plans:
-            blocks = self._seqs[span.seq_id].layers.setdefault(layer, _LayerBlocks())
-            self._place(blocks, missing, self._allocate(span.seq_id, len(missing)))
-            first, last = span.start // bs, (span.end - 1) // bs
+        bs = self.spec.block_size
+        rows: list[int] = []
+        for span, blocks, missing in plans:
+            if missing:
+                self._seqs[span.seq_id].layers[layer] = blocks
+                self._place(blocks, missing, self._allocate(span.seq_id, len(missing)))
+            end = span.start + span.n
+            first, last = span.start // bs, (end - 1) // bs
             blocks.versions[first : last + 1] = [self._clock] * (last - first + 1)
-            blocks.length = max(blocks.length, span.end)
-            if span.n == 1:
-                single.append(blocks.table[first] * bs + span.start % bs)
-                continue
-            if single:
-                chunks.append(torch.tensor(single, device=device))
-                single = []
-            positions = torch.arange(span.start, span.end, device=device)
-            table = torch.tensor(blocks.table[first : last + 1], device=device)
-            chunks.append(table[positions // bs - first] * bs + positions % bs)
-        if single:
-            chunks.append(torch.tensor(single, device=device))
-        rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        k = k.to(dtype=self.spec.dtype, device=device)
-        v = v.to(dtype=self.spec.dtype, device=device)
+            blocks.length = max(blocks.length, end)
+            if span.n == 1:  # decode: most spans, worth skipping the general path's loop
+                rows.append(blocks.table[first] * bs + span.start % bs)
+            else:
+                rows += _token_rows(blocks.table, span.start, end, bs)
         self._pool.write_rows(rows, k, v)
 
     def read(self, seq_id: int, layer: int, length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -246,19 +219,17 @@ class PagedKVCache:
         finite filler (another of its blocks), which attention must mask. With `scratch`, the result
         lives in buffers that the next scratch read overwrites (see `BlockPool.read`).
         """
-        bs = self.spec.block_size
-        counts = [math.ceil(length / bs) for _, length in seq_lengths]
-        width = max(counts, default=0)
+        tables = [self._readable(seq_id, layer, length) for seq_id, length in seq_lengths]
+        width = max(map(len, tables), default=0)
         ids: list[int] = []
-        for (seq_id, length), count in zip(seq_lengths, counts, strict=True):
-            table = self._readable(seq_id, layer, length)
-            ids.extend(table)
-            ids.extend([table[0] if table else 0] * (width - count))
-        shape = (len(seq_lengths), width * bs, self.spec.num_kv_heads, self.spec.head_dim)
+        for table in tables:
+            ids += table
+            ids += [table[0] if table else 0] * (width - len(table))
+        shape = (len(seq_lengths), width * self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         if not ids:
             empty = torch.empty(shape, dtype=self.spec.dtype, device=self.spec.device)
             return empty, empty.clone()
-        k, v = self._pool.read(torch.tensor(ids, device=self.spec.device), scratch)
+        k, v = self._pool.read(ids, scratch)
         return k.view(shape), v.view(shape)
 
     def export_blocks(self, seq_id: int, layer: int, logical: list[int]) -> tuple[Tensor, list[int]]:
@@ -275,7 +246,7 @@ class PagedKVCache:
             empty = torch.empty((0, *self._pool.block_shape()), dtype=self.spec.dtype, device=self.spec.device)
             return empty, []
         assert blocks is not None
-        data = self._pool.read_blocks(torch.tensor([table[lb] for lb in logical], device=self.spec.device))
+        data = self._pool.read_blocks([table[lb] for lb in logical])
         return data, [blocks.versions[lb] for lb in logical]
 
     def import_blocks(
@@ -320,9 +291,7 @@ class PagedKVCache:
         blocks.length = length
         self._clock = max(self._clock, *versions, 0)
         if logical:
-            index = torch.tensor([blocks.table[lb] for lb in logical], device=self.spec.device)
-            data = data.to(dtype=self.spec.dtype, device=self.spec.device)
-            self._pool.write_blocks(index, data[:, 0], data[:, 1])
+            self._pool.write_blocks([blocks.table[lb] for lb in logical], data[:, 0], data[:, 1])
 
     def grow(self, blocks: int) -> None:
         """Append `ceil(blocks / slab_blocks)` slabs; existing data is not copied."""
@@ -363,6 +332,25 @@ class PagedKVCache:
     def _blocks(self, seq_id: int, layer: int) -> _LayerBlocks | None:
         state = self._seqs.get(seq_id)
         return state.layers.get(layer) if state else None
+
+    def _plan_write(self, layer: int, span: SeqSpan) -> tuple[SeqSpan, _LayerBlocks, list[int]]:
+        """The span's (seq, layer) blocks (new and not yet attached if it has none) and the logical blocks
+        it writes that have no physical block yet, checked against the reservation."""
+        state = self._seqs.get(span.seq_id)
+        blocks = state.layers.get(layer) if state else None
+        if blocks is None:
+            blocks = _LayerBlocks()
+        if span.start > blocks.length:
+            raise ValueError(
+                f"write at position {span.start} of sequence {span.seq_id} layer {layer} would leave "
+                f"a hole: it holds {blocks.length} positions, so start must be <= {blocks.length}"
+            )
+        table, bs = blocks.table, self.spec.block_size
+        logical = range(span.start // bs, (span.start + span.n - 1) // bs + 1)
+        missing = [lb for lb in logical if lb >= len(table) or table[lb] == _HOLE]
+        if missing:
+            self._check_reservation(span.seq_id, layer, len(missing))
+        return span, blocks, missing
 
     def _readable(self, seq_id: int, layer: int, length: int) -> list[int]:
         blocks = self._blocks(seq_id, layer)
@@ -414,3 +402,13 @@ class PagedKVCache:
         held = [block for block in table if block != _HOLE]
         self._pool.release(held)
         return len(held)
+
+
+def _token_rows(table: list[int], start: int, end: int, bs: int) -> list[int]:
+    """Global rows (`block * bs + slot`) of positions `start .. end - 1`: a range per block, so long prompts
+    stay cheap."""
+    rows: list[int] = []
+    for lb in range(start // bs, (end - 1) // bs + 1):
+        base = table[lb] * bs - lb * bs
+        rows += range(base + max(start, lb * bs), base + min(end, lb * bs + bs))
+    return rows

@@ -7,19 +7,29 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from pipeshift.runtime.kv.spec import KVSpec
 
+# Gather plans are kept, keyed by block list, for this many block ids in all (~10 MB at most): a layer
+# reads the same blocks every decode step until a sequence grows a block, so a plan serves many steps.
+_PLANNED_IDS = 1 << 18
+# (slab, rows of its K and V planes) per slab touched; then the order that undoes the grouping, if any.
+_GatherPlan = tuple[list[tuple[int, Tensor]], Tensor | None]
+
 
 class BlockPool:
-    """Slabs of `slab_blocks` blocks, each slab one `[2, slab_blocks, block_size, kv_heads, head_dim]` tensor.
+    """Slabs of `slab_blocks` blocks, each slab one `[2 * slab_blocks, block_size, kv_heads, head_dim]` tensor:
+    the K of every block, then the V of every block (block i is rows i and slab_blocks + i).
 
-    K and V are separate contiguous planes of a slab (block i is `slab[:, i]`) because index_select over
-    a contiguous plane is several times faster than over a strided K-of-each-block view. Free blocks
+    K and V are contiguous planes because index_select over a contiguous plane is several times faster
+    than over a strided K-of-each-block view; sharing one tensor lets one index move both. Free blocks
     are handed out lowest id first, so live data gathers in the low slabs and shrinking moves little.
+    Indices arrive as Python ints and are grouped by slab in Python: a decode step moves a few dozen
+    blocks per layer, and each small tensor op on the index costs a few µs, about what the copy does.
     """
 
     def __init__(self, spec: KVSpec, slab_blocks: int) -> None:
@@ -27,36 +37,31 @@ class BlockPool:
             raise ValueError(f"slab_blocks must be >= 1, got {slab_blocks}")
         self.spec = spec
         self.slab_blocks = slab_blocks
-        self._k: list[Tensor] = []
-        self._v: list[Tensor] = []
-        # The same planes as token rows, `[slab_blocks * block_size, kv_heads, head_dim]`, for writes.
-        self._k_rows: list[Tensor] = []
-        self._v_rows: list[Tensor] = []
+        self._block = (spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self._device = torch.device(spec.device)
+        self._slabs: list[Tensor] = []
         self._free: list[int] = []
         self._buffers: dict[str, Tensor] = {}
+        self._plans: dict[tuple[int, ...], _GatherPlan] = {}
+        self._planned_ids = 0
 
     @property
     def total_blocks(self) -> int:
-        return len(self._k) * self.slab_blocks
+        return len(self._slabs) * self.slab_blocks
 
     @property
     def workspace_bytes(self) -> int:
         return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
 
     def block_shape(self) -> tuple[int, int, int, int]:
-        return (2, self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        return (2, *self._block)
 
     def add_slabs(self, count: int) -> None:
-        spec = self.spec
         for _ in range(count):
             first = self.total_blocks
             # Zeros, not empty: masked filler rows still flow through attention, and NaN * 0 is NaN.
-            shape = (2, self.slab_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-            slab = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
-            self._k.append(slab[0])
-            self._v.append(slab[1])
-            self._k_rows.append(slab[0].view(-1, spec.num_kv_heads, spec.head_dim))
-            self._v_rows.append(slab[1].view(-1, spec.num_kv_heads, spec.head_dim))
+            shape = (2 * self.slab_blocks, *self._block)
+            self._slabs.append(torch.zeros(shape, dtype=self.spec.dtype, device=self._device))
             for block in range(first, first + self.slab_blocks):
                 heapq.heappush(self._free, block)
 
@@ -69,12 +74,8 @@ class BlockPool:
         low_free = sorted(block for block in self._free if block < new_total)
         targets, self._free = low_free[: len(live)], low_free[len(live) :]
         if live:
-            device = self.spec.device
-            sources = torch.tensor(live, device=device)
-            k, v = self._gather(self._k, sources), self._gather(self._v, sources)
-            self.write_blocks(torch.tensor(targets, device=device), k, v)
-        for planes in (self._k, self._v, self._k_rows, self._v_rows):
-            del planes[len(planes) - count :]
+            self.write_blocks(targets, *self.read(live))
+        del self._slabs[len(self._slabs) - count :]
         return targets
 
     def allocate(self, count: int) -> list[int]:
@@ -84,82 +85,114 @@ class BlockPool:
         for block in blocks:
             heapq.heappush(self._free, block)
 
-    def read(self, index: Tensor, scratch: bool = False) -> tuple[Tensor, Tensor]:
-        """K and V of blocks `index`, each `[len(index), block_size, kv_heads, head_dim]`.
+    def read(self, blocks: Sequence[int], scratch: bool = False) -> tuple[Tensor, Tensor]:
+        """K and V of `blocks` (not empty), each `[len(blocks), block_size, kv_heads, head_dim]`.
 
-        With `scratch` they live in buffers reused by the next scratch read: a fresh multi-MB tensor per
+        With `scratch` they live in a buffer reused by the next scratch read: a fresh multi-MB tensor per
         layer and step costs more in page faults than the gather itself.
         """
-        if not scratch:
-            return self._gather(self._k, index), self._gather(self._v, index)
-        shape = (index.numel(), *self._k[0].shape[1:])
-        return (
-            self._gather(self._k, index, out=self._workspace("k", shape)),
-            self._gather(self._v, index, out=self._workspace("v", shape)),
-        )
+        count = len(blocks)
+        out = self._workspace("kv", (2 * count, *self._block)) if scratch else None
+        kv = self._gather(blocks, out)
+        return kv[:count], kv[count:]
 
-    def read_blocks(self, index: Tensor) -> Tensor:
-        """Copies of whole blocks, `[len(index), 2, block_size, kv_heads, head_dim]`."""
-        k, v = self.read(index)
-        return torch.stack((k, v), dim=1)
+    def read_blocks(self, blocks: Sequence[int]) -> Tensor:
+        """Copies of whole blocks, `[len(blocks), 2, block_size, kv_heads, head_dim]`."""
+        return torch.stack(self.read(blocks), dim=1)
 
-    def write_rows(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write token rows (global `block * block_size + slot`) of K and V."""
-        for slab, pos, local in self._split(rows, self.slab_blocks * self.spec.block_size):
-            self._k_rows[slab].index_copy_(0, local, k if pos is None else k.index_select(0, pos))
-            self._v_rows[slab].index_copy_(0, local, v if pos is None else v.index_select(0, pos))
+    def write_rows(self, rows: Sequence[int], k: Tensor, v: Tensor) -> None:
+        """Write token rows (global `block * block_size + slot`): `k`, `v` are `[len(rows), kv_heads, head_dim]`."""
+        self._scatter(rows, self.slab_blocks * self.spec.block_size, torch.cat((k, v)))
 
-    def write_blocks(self, index: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write whole blocks: `k`, `v` are `[len(index), block_size, kv_heads, head_dim]`."""
-        for slab, pos, local in self._split(index, self.slab_blocks):
-            self._k[slab].index_copy_(0, local, k if pos is None else k.index_select(0, pos))
-            self._v[slab].index_copy_(0, local, v if pos is None else v.index_select(0, pos))
+    def write_blocks(self, blocks: Sequence[int], k: Tensor, v: Tensor) -> None:
+        """Write whole blocks: `k`, `v` are `[len(blocks), block_size, kv_heads, head_dim]`."""
+        self._scatter(blocks, self.slab_blocks, torch.cat((k, v)))
 
-    def _gather(self, planes: list[Tensor], index: Tensor, out: Tensor | None = None) -> Tensor:
-        """Blocks `index` of per-slab K or V `planes`, in order.
+    def _gather(self, blocks: Sequence[int], out: Tensor | None) -> Tensor:
+        """K of `blocks` then their V, in order: `[2 * len(blocks), block_size, kv_heads, head_dim]`.
 
         Across slabs, each slab's blocks are selected into a contiguous run of a slab-sorted buffer and
         one more index_select restores the order: index_copy_/index_put_ scatter is several times slower.
         """
-        if len(planes) == 1:
-            return torch.index_select(planes[0], 0, index, out=out)
-        slab_of = torch.div(index, self.slab_blocks, rounding_mode="floor")
-        lo, hi = int(slab_of.min()), int(slab_of.max())
-        local = index - slab_of * self.slab_blocks
-        if lo == hi:
-            return torch.index_select(planes[lo], 0, local, out=out)
-        order = torch.argsort(slab_of, stable=True)
-        local = local.index_select(0, order)
-        by_slab = self._workspace("by_slab", (index.numel(), *planes[0].shape[1:]))
+        parts, order = self._cached_plan(tuple(blocks))
+        if order is None:
+            ((slab, index),) = parts
+            return torch.index_select(self._slabs[slab], 0, index, out=out)
+        by_slab = self._workspace("by_slab", (order.shape[0], *self._block))
         start = 0
-        for slab, count in enumerate(torch.bincount(slab_of - lo).tolist(), start=lo):
-            if count:
-                end = start + count
-                torch.index_select(planes[slab], 0, local[start:end], out=by_slab[start:end])
-                start = end
-        return torch.index_select(by_slab, 0, torch.argsort(order), out=out)
+        for slab, index in parts:
+            end = start + index.shape[0]
+            torch.index_select(self._slabs[slab], 0, index, out=by_slab[start:end])
+            start = end
+        return torch.index_select(by_slab, 0, order, out=out)
 
-    def _split(self, index: Tensor, per_slab: int) -> list[tuple[int, Tensor | None, Tensor]]:
-        """Group a global index by slab: (slab, positions in `index` or None for all, index within slab)."""
-        if len(self._k) == 1:
-            return [(0, None, index)]
-        slab_of = torch.div(index, per_slab, rounding_mode="floor")
-        local = index - slab_of * per_slab
-        lo, hi = int(slab_of.min()), int(slab_of.max())
+    def _cached_plan(self, blocks: tuple[int, ...]) -> _GatherPlan:
+        """The plan for `blocks`, built if new; the oldest plans are dropped to stay within the id budget."""
+        plan = self._plans.get(blocks)
+        if plan is None:
+            plan = self._plans[blocks] = self._plan(blocks)
+            self._planned_ids += len(blocks)
+            while self._planned_ids > _PLANNED_IDS:
+                oldest = next(iter(self._plans))
+                self._planned_ids -= len(oldest)
+                del self._plans[oldest]
+        return plan
+
+    def _plan(self, blocks: Sequence[int]) -> _GatherPlan:
+        """Per slab touched, its rows to select; and unless only one slab is, where each result row lies."""
+        groups = self._by_slab(blocks, self.slab_blocks)
+        parts = [(slab, self._local(blocks, positions, slab, self.slab_blocks)) for slab, positions in groups]
+        if len(groups) == 1:
+            return parts, None
+        count = len(blocks)
+        order = [0] * (2 * count)
+        start = 0
+        for _, positions in groups:
+            for rank, pos in enumerate(positions):
+                order[pos] = start + rank
+                order[count + pos] = start + len(positions) + rank
+            start += 2 * len(positions)
+        return parts, torch.tensor(order, device=self._device)
+
+    def _scatter(self, ids: Sequence[int], per_slab: int, kv: Tensor) -> None:
+        """Write `kv` (the units `ids` of K, then the same units of V) into the slabs, `per_slab` units each."""
+        kv = kv.to(dtype=self.spec.dtype, device=self._device)
+        groups = self._by_slab(ids, per_slab)
+        for slab, positions in groups:
+            target = self._slabs[slab].view(2 * per_slab, *kv.shape[1:])
+            if len(groups) > 1:
+                count = len(ids)
+                rows = torch.tensor([*positions, *(count + pos for pos in positions)], device=self._device)
+                source = kv.index_select(0, rows)
+            else:
+                source = kv
+            target.index_copy_(0, self._local(ids, positions, slab, per_slab), source)
+
+    def _by_slab(self, ids: Sequence[int], per_slab: int) -> list[tuple[int, Sequence[int]]]:
+        """(slab, positions in `ids` that fall in it) for every slab that `ids` touch, lowest slab first."""
+        lo, hi = min(ids) // per_slab, max(ids) // per_slab
         if lo == hi:
-            return [(lo, None, local)]
-        parts: list[tuple[int, Tensor | None, Tensor]] = []
-        for slab in range(lo, hi + 1):
-            pos = (slab_of == slab).nonzero().squeeze(1)
-            if pos.numel():
-                parts.append((slab, pos, local.index_select(0, pos)))
-        return parts
+            return [(lo, range(len(ids)))]
+        groups: dict[int, list[int]] = {}
+        for pos, unit in enumerate(ids):
+            groups.setdefault(unit // per_slab, []).append(pos)
+        return sorted(groups.items())
+
+    def _local(self, ids: Sequence[int], positions: Sequence[int], slab: int, per_slab: int) -> Tensor:
+        """Rows of the K plane and then of the V plane, within `slab`, of the units `ids[positions]`."""
+        local = [ids[pos] - slab * per_slab for pos in positions]
+        return torch.tensor([*local, *(unit + per_slab for unit in local)], device=self._device)
 
     def _workspace(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        """A reused buffer of at least `shape`'s size; grows, never shrinks (see `workspace_bytes`)."""
+        """A reused buffer of at least `shape`'s size; grows, never shrinks (see `workspace_bytes`).
+
+        Never an inference tensor, even when first needed under `torch.inference_mode` (a stage's forward):
+        those refuse in-place writes outside it, where exports and migrations read blocks.
+        """
         numel = math.prod(shape)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=self.spec.dtype, device=self.spec.device)
+            with torch.inference_mode(False):
+                buffer = torch.empty(numel, dtype=self.spec.dtype, device=self._device)
             self._buffers[name] = buffer
         return buffer[:numel].view(shape)

@@ -1,0 +1,21 @@
+"""Orchestration of live layout changes, spoken to agents and the frontend only over their HTTP control APIs.
+
+Pure Python (no torch, nothing of `pipeshift.runtime`), so the Kubernetes operator runs it unchanged.
+"""
+
+from pipeshift.control.http import ControlCallError, ControlClient
+from pipeshift.control.phases import Phase, PhaseClock
+from pipeshift.control.precopy import RoundStats, precopy_done
+from pipeshift.control.reconfigure import ReconfigReport, SwitchBudget, reconfigure
+
+__all__ = [
+    "ControlCallError",
+    "ControlClient",
+    "Phase",
+    "PhaseClock",
+    "ReconfigReport",
+    "RoundStats",
+    "SwitchBudget",
+    "precopy_done",
+    "reconfigure",
+]

@@ -1,0 +1,305 @@
+"""`reconfigure`: one live layout change (prepare, pre-copy, drain switch, clean up) driven over the
+control APIs of the frontend and the agents, with abort back to the old layout before the commit point.
+
+Stages are addressed by the stage ids of `plan.new` (`api.plan_moves`); added stages are started and
+removed ones stopped through callables, so the same code serves local processes and Kubernetes pods.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeshift.api import ReconfigPlan, StagePlan
+from pipeshift.control.http import ControlCallError, ControlClient, call_all
+from pipeshift.control.phases import Phase, PhaseClock
+from pipeshift.control.precopy import RoundStats, copy_pairs, precopy_done, run_round
+
+logger = logging.getLogger(__name__)
+
+# Calls after the commit point are retried this often before the change is reported failed.
+COMMIT_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class SwitchBudget:
+    """`switch_s`: how long the final delta may take at the measured link speed (the pre-copy stop rule);
+    `max_rounds`: pre-copy rounds at most; `final_rounds`: rounds at most while held (nothing computes
+    then, so one normally cleans everything); `resize`: let commits shrink pools by the freed blocks."""
+
+    switch_s: float = 0.05
+    max_rounds: int = 4
+    final_rounds: int = 3
+    hold_timeout_s: float = 30.0
+    call_timeout_s: float = 60.0
+    resize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.switch_s < 0 or self.max_rounds < 1 or self.final_rounds < 1:
+            raise ValueError(f"invalid switch budget: {self}")
+        if self.hold_timeout_s <= 0 or self.call_timeout_s <= 0:
+            raise ValueError(f"switch budget timeouts must be positive: {self}")
+
+
+@dataclass
+class ReconfigReport:
+    """`pause_ms`: serving held, from the hold call to the frontend's resume answer; `switch_duration_ms`:
+    the whole change; `outcome`: committed, aborted (old layout serving) or failed (after commit)."""
+
+    reconfig_id: str
+    outcome: str = "running"
+    error: str | None = None
+    epoch: int | None = None
+    pause_ms: float = 0.0
+    switch_duration_ms: float = 0.0
+    precopy_rounds: int = 0
+    kv_bytes_moved: int = 0
+    rounds: list[RoundStats] = field(default_factory=list)
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reconfig_id": self.reconfig_id,
+            "outcome": self.outcome,
+            "error": self.error,
+            "epoch": self.epoch,
+            "pause_ms": self.pause_ms,
+            "switch_duration_ms": self.switch_duration_ms,
+            "precopy_rounds": self.precopy_rounds,
+            "kv_bytes_moved": self.kv_bytes_moved,
+            "rounds": [r.to_json() for r in self.rounds],
+            "phases_ms": self.phases_ms,
+        }
+
+
+class ReconfigFailed(RuntimeError):
+    """The change failed after its commit point: the stages may be split between layouts."""
+
+    def __init__(self, report: ReconfigReport) -> None:
+        self.report = report
+        super().__init__(f"reconfiguration {report.reconfig_id} failed after commit: {report.error}")
+
+
+def reconfigure(
+    frontend_url: str,
+    agents: Mapping[int, str],
+    plan: ReconfigPlan,
+    *,
+    start_stage: Callable[[StagePlan], str] | None = None,
+    stop_stage: Callable[[int], None] | None = None,
+    budget: SwitchBudget | None = None,
+    token: str | None = None,
+) -> ReconfigReport:
+    """Change the running pipeline from `plan.old` to `plan.new` while it serves.
+
+    `agents` maps the old layout's stage ids to their control URLs. `start_stage(stage)` starts an
+    added stage with its layers and returns its control URL; `stop_stage(stage_id)` stops one (removed
+    stages after the switch, started ones on abort). Returns the report; an abort is an outcome
+    (`report.error` says why), a failure after commit raises ReconfigFailed.
+    """
+    run = _Run(frontend_url, agents, plan, start_stage, stop_stage, budget or SwitchBudget(), token)
+    return run.execute()
+
+
+class _Run:
+    def __init__(
+        self,
+        frontend_url: str,
+        agents: Mapping[int, str],
+        plan: ReconfigPlan,
+        start_stage: Callable[[StagePlan], str] | None,
+        stop_stage: Callable[[int], None] | None,
+        budget: SwitchBudget,
+        token: str | None,
+    ) -> None:
+        missing = sorted({s.stage_id for s in plan.old} - set(agents))
+        if missing:
+            raise ValueError(f"agents has no control URL for stage ids {missing} of the old layout")
+        if plan.added and start_stage is None:
+            raise ValueError(f"stages {list(plan.added)} are added but no start_stage was given")
+        self.plan = plan
+        self.budget = budget
+        self.token = token
+        self.start_stage = start_stage
+        self.stop_stage = stop_stage
+        self.frontend = ControlClient(frontend_url, token, budget.call_timeout_s)
+        self.clients = {sid: ControlClient(url, token, budget.call_timeout_s) for sid, url in agents.items()}
+        self.report = ReconfigReport(reconfig_id=f"reconfig-{uuid.uuid4().hex[:12]}")
+        self.clock = PhaseClock()
+        self.started: list[int] = []
+        self.held = False
+        self.held_at = 0.0
+
+    def _id(self, what: str) -> str:
+        return f"{self.report.reconfig_id}-{what}-{uuid.uuid4().hex[:8]}"
+
+    def execute(self) -> ReconfigReport:
+        try:
+            self._before_commit()
+            self._commit_and_resume()
+        except Exception as error:
+            self.report.error = str(error)
+            if not self.clock.committed:
+                self._abort()
+            else:
+                self._finish(Phase.FAILED)
+                raise ReconfigFailed(self.report) from error
+        else:
+            self._clean_up()
+        return self.report
+
+    def _before_commit(self) -> None:
+        state = self.frontend.get("/control/state")
+        self.epoch = int(state["epoch"]) + 1
+        self.report.epoch = self.epoch
+        self.return_address = str(state["return_address"])
+        self.clock.enter(Phase.STARTING)
+        for sid in self.plan.added:
+            assert self.start_stage is not None
+            self.started.append(sid)
+            url = self.start_stage(self.plan.new.stage(sid))
+            self.clients[sid] = ControlClient(url, self.token, self.budget.call_timeout_s)
+        involved = self._new_ids() + list(self.plan.removed)
+        infos = call_all(lambda sid: self.clients[sid].get("/info"), involved)
+        self.data = {sid: f"{i['data']['host']}:{i['data']['port']}" for sid, i in zip(involved, infos, strict=True)}
+        self.pairs = copy_pairs(self.plan)
+        self.targets = sorted({p.target for p in self.pairs} | set(self.plan.added))
+        self.clock.enter(Phase.PREPARING)
+        self._prepare(state["sequences"])
+        self.clock.enter(Phase.PRECOPYING)
+        while not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds) and self.pairs:
+            self._round()
+        self.clock.enter(Phase.HOLDING)
+        self.held_at = self.clock.elapsed_ms()
+        self.held = True
+        held = self.frontend.post(
+            "/control/hold",
+            {"request_id": self._id("hold"), "timeout_s": self.budget.hold_timeout_s},
+            self.budget.hold_timeout_s + self.budget.call_timeout_s,
+        )
+        self.live = [int(s) for s in held["sequences"]]
+        self._prepare(held["reserve_tokens"])
+        self.clock.enter(Phase.FINAL_COPY)
+        for _ in range(self.budget.final_rounds):
+            if not self.pairs or self._round().dirty_blocks == 0:
+                break
+        else:
+            raise RuntimeError(
+                f"KV of the moving layers was still dirty after {self.budget.final_rounds} rounds while held"
+            )
+
+    def _prepare(self, sequences: Mapping[str, int]) -> None:
+        """Every target loads its incoming layers and reserves KV for `sequences` on them (idempotent
+        per sequence on the agent, so a second call after the hold only adds late admissions)."""
+
+        def one(sid: int) -> None:
+            stage = self.plan.new.stage(sid)
+            self.clients[sid].post(
+                "/reconfig/prepare",
+                {
+                    "request_id": self._id(f"prepare-{sid}"),
+                    "reconfig_id": self.report.reconfig_id,
+                    "epoch": self.epoch,
+                    "layers": [stage.start, stage.end],
+                    "sequences": {str(k): int(v) for k, v in sequences.items()},
+                    "resize": self.budget.resize,
+                },
+            )
+
+        call_all(one, self.targets)
+
+    def _round(self) -> RoundStats:
+        stats = run_round(self.report.reconfig_id, self.pairs, self.clients, self.data, self.budget.call_timeout_s)
+        self.report.rounds.append(stats)
+        self.report.precopy_rounds = len(self.report.rounds)
+        self.report.kv_bytes_moved += stats.bytes
+        logger.info("%s: pre-copy round %d moved %d bytes, %d still dirty", self.report.reconfig_id,
+                    len(self.report.rounds), stats.bytes, stats.dirty_bytes)
+        return stats
+
+    def _commit_and_resume(self) -> None:
+        self.clock.enter(Phase.COMMITTING)
+        order = self._new_ids()
+        downstream = [self.data[sid] for sid in order[1:]] + [self.return_address]
+        commits = {
+            sid: {
+                "request_id": self._id(f"commit-{sid}"),
+                "reconfig_id": self.report.reconfig_id,
+                "epoch": self.epoch,
+                "layers": [self.plan.new.stage(sid).start, self.plan.new.stage(sid).end],
+                "downstream": to,
+                "sequences": self.live,
+                "resize": self.budget.resize,
+            }
+            for sid, to in zip(order, downstream, strict=True)
+        }
+        call_all(lambda sid: self._forward(self.clients[sid], "/reconfig/commit", commits[sid]), order)
+        self.clock.enter(Phase.RESUMING)
+        resume = {
+            "request_id": self._id("resume"),
+            "stages": [self.clients[sid].address for sid in order],
+            "epoch": self.epoch,
+        }
+        self._forward(self.frontend, "/control/resume", resume)
+        self.held = False
+        self.report.pause_ms = self.clock.elapsed_ms() - self.held_at
+
+    def _forward(self, client: ControlClient, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """After commit: the same call (same request id, so never applied twice) until it is answered."""
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                return client.post(path, body)
+            except ControlCallError as error:
+                if attempt == COMMIT_ATTEMPTS - 1 or (error.status is not None and error.status < 500):
+                    raise
+                logger.warning("%s; retrying the committed change", error)
+        raise AssertionError("unreachable")
+
+    def _clean_up(self) -> None:
+        self.clock.enter(Phase.CLEANING)
+        for sid in self.plan.removed:
+            if self.stop_stage is not None:
+                self.stop_stage(sid)
+        self._finish(Phase.DONE)
+        self.report.outcome = "committed"
+
+    def _abort(self) -> None:
+        """Undo everything before the commit point; every undo step runs even if another fails. Sources hold
+        pre-copy state too, so every stage is told (an agent that saw nothing of it answers at once)."""
+        logger.warning("%s: aborting: %s", self.report.reconfig_id, self.report.error)
+        problems: list[str] = []
+        for sid in sorted(self.clients):
+            try:
+                self.clients[sid].post(
+                    "/reconfig/abort",
+                    {"request_id": self._id(f"abort-{sid}"), "reconfig_id": self.report.reconfig_id},
+                )
+            except ControlCallError as error:
+                problems.append(str(error))
+        if self.held:
+            try:
+                self.frontend.post("/control/resume", {"request_id": self._id("resume-old")})
+                self.report.pause_ms = self.clock.elapsed_ms() - self.held_at
+            except ControlCallError as error:
+                problems.append(str(error))
+        for sid in self.started:
+            if self.stop_stage is not None:
+                try:
+                    self.stop_stage(sid)
+                except Exception as error:
+                    problems.append(f"stopping added stage {sid}: {error}")
+        if problems:
+            self.report.error = f"{self.report.error}; while aborting: {'; '.join(problems)}"
+        self._finish(Phase.ABORTED)
+        self.report.outcome = "aborted"
+
+    def _finish(self, phase: Phase) -> None:
+        self.clock.enter(phase)
+        self.report.phases_ms = dict(self.clock.durations_ms)
+        self.report.switch_duration_ms = self.clock.elapsed_ms()
+
+    def _new_ids(self) -> list[int]:
+        return [s.stage_id for s in self.plan.new]

@@ -1,0 +1,306 @@
+"""The agent's side of live reconfiguration: prepare, pre-copy rounds, commit and abort of one change.
+
+State changes run on the compute worker between micro-batches; calls are serialised by a lock, and a
+repeated call for the reconfiguration already done answers again instead of acting twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeshift.runtime.agent.dataplane import DataPlane
+from pipeshift.runtime.agent.downstream import parse_address
+from pipeshift.runtime.agent.worker import StageWorker, StateConflict
+from pipeshift.runtime.kv import KVCapacityError
+from pipeshift.runtime.migrate import (
+    MIGRATE_ROLE,
+    DirtyTracker,
+    KVChunk,
+    blocks_in,
+    frame_bytes,
+    import_chunk,
+)
+from pipeshift.runtime.stage import Stage
+from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLimits, Kind, PeerClosed
+
+logger = logging.getLogger(__name__)
+
+PRECOPY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class _Change:
+    """The reconfiguration in progress here: its id, the epoch it will adopt and what prepare did."""
+
+    reconfig_id: str
+    phase: str  # "prepared" (weights loaded, KV reserved) or "precopy" (a source that only sends)
+    epoch: int | None = None
+    layers: tuple[int, int] | None = None
+    grown_blocks: int = 0
+    blocks_per_layer: float = 0.0
+
+
+class Reconfigurer:
+    """One agent's reconfiguration state; `epoch` is the layout epoch the stage serves."""
+
+    def __init__(self, worker: StageWorker, data: DataPlane, token: str | None) -> None:
+        self.worker = worker
+        self.data = data
+        self.token = token
+        self.epoch = 0
+        self.change: _Change | None = None
+        self._done: dict[str, str] = {}  # reconfig id -> "committed" | "aborted"
+        self._tracker = DirtyTracker()
+        self._lock = asyncio.Lock()
+        data.kv_import = self._import
+
+    def describe(self) -> dict[str, Any] | None:
+        c = self.change
+        return None if c is None else {"id": c.reconfig_id, "phase": c.phase, "epoch": c.epoch}
+
+    # ---- prepare ---------------------------------------------------------------------------------
+
+    async def prepare(
+        self, reconfig_id: str, epoch: int, layers: tuple[int, int], sequences: Mapping[int, int], resize: bool
+    ) -> dict[str, Any]:
+        async with self._lock:
+            self._check_open(reconfig_id)
+            if epoch <= self.epoch:
+                raise StateConflict(f"epoch {epoch} is not after the epoch served now ({self.epoch})")
+            c = self.change
+            if c is not None and c.phase == "prepared" and (c.epoch, c.layers) != (epoch, layers):
+                raise StateConflict(
+                    f"reconfiguration {reconfig_id!r} was prepared for epoch {c.epoch} layers "
+                    f"{list(c.layers or ())}; abort it to prepare epoch {epoch} layers {list(layers)}"
+                )
+            fresh = c is None or c.phase != "prepared"
+            stage = self.worker.stage
+            per_layer = stage.cache.total_blocks / max(1, stage.end - stage.start)
+            loaded, grown = await self.worker.call(self._prepare_on_worker, layers, sequences, resize)
+            if fresh:
+                self.change = _Change(reconfig_id, "prepared", epoch, layers, grown, per_layer)
+            else:
+                assert c is not None
+                c.grown_blocks += grown
+            logger.info("stage %d: prepared %s for epoch %d (layers %s)", self.worker.config.stage_id,
+                        reconfig_id, epoch, layers)  # fmt: skip
+            return {"loaded": loaded, "kv": self.worker.info()["kv"], "grown_blocks": grown}
+
+    def _prepare_on_worker(
+        self, layers: tuple[int, int], sequences: Mapping[int, int], resize: bool
+    ) -> tuple[list[int], int]:
+        stage = self.worker.stage
+        self.worker.check_range(*layers)
+        before = stage.cache.total_blocks
+        try:
+            self._fit(lambda: _prepare_need(stage, layers, sequences), resize)
+            loaded = stage.prepare(*layers)
+            for seq, tokens in sequences.items():
+                stage.adopt(seq, tokens)
+        except KVCapacityError as exc:
+            stage.discard_prepared()
+            raise StateConflict(f"{exc} (resize was {'on' if resize else 'off'})") from None
+        except ValueError as exc:
+            raise StateConflict(str(exc)) from None
+        self.worker.refresh_gauges()
+        return loaded, stage.cache.total_blocks - before
+
+    def _fit(self, need: Callable[[], int], resize: bool) -> None:
+        """Grow the pool so `need()` more blocks can be reserved, when resizing is allowed."""
+        cache = self.worker.stage.cache
+        short = need() - (cache.total_blocks - cache.reserved_blocks)
+        if short > 0 and resize:
+            cache.grow(short)
+
+    # ---- pre-copy --------------------------------------------------------------------------------
+
+    async def precopy(self, reconfig_id: str, target: str, layers: Sequence[int]) -> dict[str, Any]:
+        async with self._lock:
+            self._check_open(reconfig_id)
+            host, port = parse_address(target)
+            held = range(self.worker.stage.start, self.worker.stage.end)
+            foreign = [layer for layer in layers if layer not in held]
+            if foreign or not layers:
+                raise StateConflict(
+                    f"layers {list(layers)} must be a non-empty list of layers this stage serves, "
+                    f"[{held.start}, {held.stop}); not held: {foreign}"
+                )
+            if self.change is None:
+                self.change = _Change(reconfig_id, "precopy")
+            started = time.perf_counter()
+            chunks = await self.worker.call(self._tracker.collect, self.worker.stage, target, layers)
+            if chunks:
+                await self._send(host, port, chunks)
+                await self.worker.call(self._tracker.mark_sent, target, chunks)
+            seconds = time.perf_counter() - started
+            remaining, remaining_bytes = await self.worker.call(
+                self._tracker.remaining, self.worker.stage, target, layers
+            )
+            return {
+                "blocks": blocks_in(chunks),
+                "bytes": frame_bytes(chunks),
+                "seconds": seconds,
+                "sequences": len({c.seq_id for c in chunks}),
+                "dirty_blocks_remaining": remaining,
+                "dirty_bytes_remaining": remaining_bytes,
+            }
+
+    async def _send(self, host: str, port: int, chunks: Sequence[KVChunk]) -> None:
+        """Stream the chunks, then ask the target to confirm it imported all of them."""
+        try:
+            client = await FrameClient.connect(
+                host, port, role=MIGRATE_ROLE, stage_id=self.worker.config.stage_id, token=self.token,
+                replies=FrameLimits.messages(Kind.CONTROL),
+            )  # fmt: skip
+        except (OSError, TimeoutError, FrameError) as exc:
+            raise StateConflict(f"cannot reach target {host}:{port} for pre-copy: {exc}") from None
+        try:
+            for chunk in chunks:
+                for frame in chunk.frames():
+                    await client.send(frame)
+            await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
+            reply = (await asyncio.wait_for(client.recv(), PRECOPY_TIMEOUT_S)).body()
+        except (OSError, TimeoutError, FrameError, PeerClosed) as exc:
+            raise StateConflict(f"pre-copy to {host}:{port} failed: {exc}") from None
+        finally:
+            await client.close()
+        if "error" in reply or reply.get("imported") != blocks_in(chunks):
+            raise StateConflict(f"target {host}:{port} did not import the round: {reply.get('error', reply)}")
+
+    def _import(self, chunk: KVChunk) -> int:
+        """Worker side of a migration connection: only a prepared stage receives, into layers it will add
+        (or any of its layers while it has never served: a stage that joins the pipeline)."""
+        c = self.change
+        if c is None or c.phase != "prepared":
+            raise StateConflict("this stage is not prepared for a reconfiguration; call /reconfig/prepare first")
+        stage = self.worker.stage
+        receivable = set(stage.inactive)
+        if self.worker.stats.batches == 0:
+            receivable |= set(stage.layers)
+        try:
+            return import_chunk(stage, chunk, receivable)
+        finally:
+            self.worker.refresh_gauges()
+
+    # ---- commit and abort ------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        reconfig_id: str,
+        epoch: int,
+        layers: tuple[int, int],
+        downstream: str,
+        sequences: Sequence[int],
+        resize: bool,
+    ) -> bool:
+        """False when this reconfiguration was already committed (a retry): nothing is done again."""
+        parse_address(downstream)
+        async with self._lock:
+            if self._done.get(reconfig_id) == "committed":
+                return False
+            self._check_open(reconfig_id)
+            c = self.change
+            if c is not None and c.epoch is not None and c.epoch != epoch:
+                raise StateConflict(f"reconfiguration {reconfig_id!r} was prepared for epoch {c.epoch}, not {epoch}")
+            if epoch <= self.epoch:
+                raise StateConflict(f"epoch {epoch} is not after the epoch served now ({self.epoch})")
+            stage = self.worker.stage
+            per_layer = c.blocks_per_layer if c is not None and c.blocks_per_layer else (
+                stage.cache.total_blocks / max(1, stage.end - stage.start))  # fmt: skip
+            await self.worker.call(self._commit_on_worker, layers, set(sequences), resize, per_layer)
+            await self.data.downstream.route(downstream)
+            self.epoch = epoch
+            self.change = None
+            self._done[reconfig_id] = "committed"
+            self._tracker.forget()
+            logger.info("stage %d: committed %s, epoch %d, layers %s", self.worker.config.stage_id,
+                        reconfig_id, epoch, layers)  # fmt: skip
+            return True
+
+    def _commit_on_worker(self, layers: tuple[int, int], live: set[int], resize: bool, per_layer: float) -> None:
+        stage = self.worker.stage
+        self.worker.check_range(*layers)
+        missing = [i for i in range(*layers) if i not in stage.layers and i not in stage.inactive]
+        if missing:
+            raise StateConflict(f"layers {missing} of [{layers[0]}, {layers[1]}) are not loaded; prepare them first")
+        gaps = _uneven(stage, layers, live)
+        if gaps:
+            raise StateConflict(
+                "KV is incomplete for the new range (run a final pre-copy after the drain): " + "; ".join(gaps[:5])
+            )
+        for seq in stage.sequences():
+            if seq not in live:
+                stage.release(seq)
+        stage.activate(*layers)
+        if resize:
+            cache = stage.cache
+            want = max(cache.reserved_blocks, math.ceil(per_layer * (stage.end - stage.start)))
+            if want > cache.total_blocks:
+                cache.grow(want - cache.total_blocks)
+            elif want < cache.total_blocks:
+                cache.shrink(cache.total_blocks - want)
+        self.worker.refresh_gauges()
+
+    async def abort(self, reconfig_id: str) -> list[int]:
+        """Layers whose prepared weights were dropped; a repeated abort answers [] and does nothing."""
+        async with self._lock:
+            done = self._done.get(reconfig_id)
+            if done == "committed":
+                raise StateConflict(f"reconfiguration {reconfig_id!r} is committed; it can only roll forward")
+            c = self.change
+            if c is not None and c.reconfig_id != reconfig_id:
+                raise StateConflict(f"reconfiguration {c.reconfig_id!r} is in progress, not {reconfig_id!r}")
+            if c is None:
+                return []
+            dropped = await self.worker.call(self._abort_on_worker, c.grown_blocks)
+            self.change = None
+            self._done[reconfig_id] = "aborted"
+            self._tracker.forget()
+            logger.info("stage %d: aborted %s", self.worker.config.stage_id, reconfig_id)
+            return dropped
+
+    def _abort_on_worker(self, grown: int) -> list[int]:
+        stage = self.worker.stage
+        dropped = stage.discard_prepared()
+        cache = stage.cache
+        spare = cache.total_blocks - cache.reserved_blocks
+        if grown and spare:
+            cache.shrink(min(grown, spare))
+        self.worker.refresh_gauges()
+        return dropped
+
+    def _check_open(self, reconfig_id: str) -> None:
+        if reconfig_id in self._done:
+            raise StateConflict(f"reconfiguration {reconfig_id!r} is already {self._done[reconfig_id]}")
+        c = self.change
+        if c is not None and c.reconfig_id != reconfig_id:
+            raise StateConflict(f"reconfiguration {c.reconfig_id!r} is in progress, not {reconfig_id!r}")
+
+
+def _prepare_need(stage: Stage, layers: tuple[int, int], sequences: Mapping[int, int]) -> int:
+    """Blocks that reserving every sequence (live here or listed) over held plus incoming layers adds."""
+    count = len(set(stage.loaded_layers) | set(range(*layers)))
+    tokens = {seq: stage.reserved_tokens(seq) for seq in stage.sequences()}
+    for seq, t in sequences.items():
+        tokens[seq] = max(t, tokens.get(seq, 0))
+    return sum(max(0, stage.spec.blocks_for(t, count) - stage.cache.reserved_for(seq)) for seq, t in tokens.items())
+
+
+def _uneven(stage: Stage, layers: tuple[int, int], live: set[int]) -> list[str]:
+    """Live sequences whose KV length differs between layers of the new range, or has unfilled blocks."""
+    problems = []
+    bs = stage.spec.block_size
+    for seq in sorted(live & set(stage.sequences())):
+        lengths = {layer: stage.cache.length(seq, layer) for layer in range(*layers)}
+        holes = [
+            layer for layer, n in lengths.items() if -1 in stage.cache.block_table(seq, layer)[: math.ceil(n / bs)]
+        ]
+        if len(set(lengths.values())) > 1 or holes:
+            problems.append(f"sequence {seq} has lengths {lengths} (unfilled blocks in layers {holes})")
+    return problems

@@ -1,0 +1,102 @@
+"""The frontend's control routes for a layout switch: `POST /control/hold` and `POST /control/resume`.
+
+Both are idempotent per `request_id` (an orchestrator retries after timeouts it cannot interpret) and
+run one at a time, so a resume never overtakes the hold it follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from pipeshift.errors import UserError
+from pipeshift.runtime.agent.idempotency import Answer, IdempotencyCache
+from pipeshift.runtime.frontend.scheduler import SwitchError
+from pipeshift.runtime.frontend.stages import StageUnreachable
+
+if TYPE_CHECKING:
+    from pipeshift.runtime.frontend.server import Frontend
+
+RequestId = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+
+class HoldBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request_id: RequestId
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class ResumeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    request_id: RequestId
+    stages: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    epoch: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class SwitchRoutes:
+    def __init__(self, frontend: Frontend) -> None:
+        self.f = frontend
+        self._answers = IdempotencyCache()
+        self._one_at_a_time = asyncio.Lock()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/control/hold", self._handler(HoldBody, self._hold)),
+            web.post("/control/resume", self._handler(ResumeBody, self._resume)),
+        ]
+
+    def _handler(
+        self, model: type[BaseModel], act: Callable[[Any], Awaitable[Answer]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                body = model.model_validate(json.loads(await request.read()))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return _error(400, "the body is not valid JSON")
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "body"
+                return _error(400, f"field {field!r}: {first['msg']}")
+            call = f"{request.path} {body.model_dump_json(exclude={'request_id'})}"
+            status, answer = await self._answers.run(body.request_id, call, lambda: self._serialized(act, body))
+            return web.json_response(answer, status=status)
+
+        return handle
+
+    async def _serialized(self, act: Callable[[Any], Awaitable[Answer]], body: BaseModel) -> Answer:
+        async with self._one_at_a_time:
+            return await act(body)
+
+    async def _hold(self, body: HoldBody) -> Answer:
+        try:
+            live = await self.f.hold(body.timeout_s)
+        except SwitchError as e:
+            return 409, {"error": str(e)}
+        s = self.f.scheduler
+        reserve = s.live_sequences()
+        return 200, {
+            "held": True,
+            "in_flight": len(s.in_flight),
+            "epoch": s.epoch,
+            "sequences": live,
+            "reserve_tokens": {str(i): reserve[i] for i in live},
+        }
+
+    async def _resume(self, body: ResumeBody) -> Answer:
+        try:
+            await self.f.resume(body.stages, body.epoch)
+        except SwitchError as e:
+            return 409, {"error": str(e)}
+        except (StageUnreachable, UserError, OSError, ConnectionError) as e:
+            return 502, {"error": f"field 'stages': the new chain could not be wired: {e}"}
+        s = self.f.scheduler
+        return 200, {"resumed": True, "epoch": s.epoch, "stages": list(self.f.stages)}

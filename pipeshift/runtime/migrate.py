@@ -1,0 +1,156 @@
+"""Moving KV blocks between stages during live reconfiguration: what a source still owes each target
+(the dirty set), how blocks travel as frames, and how a target imports them.
+
+Export and import run on each stage's compute worker, between micro-batches, so every chunk is a
+consistent snapshot of one (sequence, layer); only the network transfer runs beside serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from pipeshift.runtime.kv import KVSpec
+from pipeshift.runtime.stage import Stage
+from pipeshift.runtime.transport import Frame, FrameError, FrameLimits, Kind, KVBlocksMeta
+
+MIGRATE_ROLE = "migrate"
+# Blocks per KV_BLOCKS frame: bounds what a target must accept (and allocate) for one frame.
+MAX_FRAME_BLOCKS = 256
+_HEADER_KEY = "kv"
+
+
+@dataclass(frozen=True, eq=False)
+class KVChunk:
+    """Logical blocks of one (sequence, layer) at their write versions, with the layer's length then and
+    the tokens the sequence reserves (a target that never saw the sequence reserves as much)."""
+
+    seq_id: int
+    layer: int
+    length: int
+    reserve: int
+    logical: tuple[int, ...]
+    versions: tuple[int, ...]
+    data: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def frames(self) -> tuple[Frame, Frame]:
+        """A CONTROL header (length, reserve: what KVBlocksMeta has no room for), then the blocks."""
+        header = Frame.message(Kind.CONTROL, {_HEADER_KEY: {"length": self.length, "reserve": self.reserve}})
+        meta = KVBlocksMeta(self.seq_id, self.layer, self.logical, self.versions)
+        return header, Frame.kv_blocks(self.data.contiguous(), meta)
+
+
+def migration_limits(spec: KVSpec) -> tuple[FrameLimits, FrameLimits]:
+    """What a target accepts on a migration connection: its own block geometry, dtype and frame cap."""
+    shape = (2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    return (
+        FrameLimits.for_kv_blocks(block_shape=shape, dtypes=[spec.dtype], max_blocks=MAX_FRAME_BLOCKS),
+        FrameLimits.messages(Kind.CONTROL, Kind.CLOSE),
+    )
+
+
+def chunk_header(frame: Frame) -> tuple[int, int] | None:
+    """`(length, reserve)` of a chunk header frame; None for any other CONTROL message."""
+    body = frame.body().get(_HEADER_KEY)
+    if body is None:
+        return None
+    if not isinstance(body, dict) or set(body) != {"length", "reserve"}:
+        raise FrameError(f"a KV chunk header needs exactly 'length' and 'reserve', got {body!r}")
+    length, reserve = body["length"], body["reserve"]
+    for name, value in (("length", length), ("reserve", reserve)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+            raise FrameError(f"KV chunk header {name} must be an integer in 0..2^32-1, got {value!r}")
+    return length, reserve
+
+
+def chunk_from(header: tuple[int, int] | None, frame: Frame) -> KVChunk:
+    if header is None:
+        raise FrameError("a KV_BLOCKS frame must follow its chunk header (CONTROL {kv: {length, reserve}})")
+    meta = frame.kv_meta()
+    assert frame.tensor is not None
+    return KVChunk(meta.seq_id, meta.layer, header[0], header[1], meta.block_indices, meta.versions, frame.tensor)
+
+
+def import_chunk(stage: Stage, chunk: KVChunk, receivable: Collection[int]) -> int:
+    """Place a chunk's blocks into `stage` (reserving for the sequence if needed); returns blocks imported."""
+    if chunk.layer not in receivable:
+        raise ValueError(
+            f"layer {chunk.layer} is not one this stage receives KV for; it receives {sorted(receivable)}"
+        )
+    stage.adopt(chunk.seq_id, chunk.reserve)
+    stage.cache.import_blocks(
+        chunk.seq_id, chunk.layer, list(chunk.logical), chunk.data, list(chunk.versions), chunk.length
+    )
+    return len(chunk.logical)
+
+
+class DirtyTracker:
+    """The last version sent per (sequence, layer, logical block), per target.
+
+    A block is dirty for a target when it was never sent there or was written since: the cache stamps
+    each write with a cache-wide clock, so any change of version means new content.
+    """
+
+    def __init__(self) -> None:
+        self._sent: dict[str, dict[tuple[int, int], dict[int, int]]] = {}
+
+    def dirty(self, stage: Stage, target: str, layers: Iterable[int]) -> dict[tuple[int, int], list[int]]:
+        """Dirty logical blocks per (sequence, layer) of live sequences; forgets released sequences."""
+        cache = stage.cache
+        live = set(cache.sequences())
+        sent = self._sent.setdefault(target, {})
+        for key in [k for k in sent if k[0] not in live]:
+            del sent[key]
+        out: dict[tuple[int, int], list[int]] = {}
+        for seq in sorted(live):
+            for layer in layers:
+                known = sent.get((seq, layer), {})
+                table = cache.block_table(seq, layer)
+                versions = cache.versions(seq, layer)
+                blocks = [lb for lb, (p, v) in enumerate(zip(table, versions, strict=True))
+                          if p >= 0 and known.get(lb) != v]  # fmt: skip
+                if blocks:
+                    out[seq, layer] = blocks
+        return out
+
+    def collect(self, stage: Stage, target: str, layers: Iterable[int]) -> list[KVChunk]:
+        """Copies of every dirty block, at most `MAX_FRAME_BLOCKS` per chunk."""
+        chunks = []
+        for (seq, layer), blocks in self.dirty(stage, target, layers).items():
+            length = stage.cache.length(seq, layer)
+            for i in range(0, len(blocks), MAX_FRAME_BLOCKS):
+                part = blocks[i : i + MAX_FRAME_BLOCKS]
+                data, versions = stage.cache.export_blocks(seq, layer, part)
+                chunks.append(
+                    KVChunk(seq, layer, length, stage.reserved_tokens(seq), tuple(part), tuple(versions), data)
+                )
+        return chunks
+
+    def mark_sent(self, target: str, chunks: Iterable[KVChunk]) -> None:
+        """Called once the target confirmed the import, so a failed round leaves its blocks dirty."""
+        sent = self._sent.setdefault(target, {})
+        for chunk in chunks:
+            sent.setdefault((chunk.seq_id, chunk.layer), {}).update(zip(chunk.logical, chunk.versions, strict=True))
+
+    def remaining(self, stage: Stage, target: str, layers: Iterable[int]) -> tuple[int, int]:
+        """Dirty blocks and bytes still owed to `target`: what the stop rule weighs against the link."""
+        blocks = sum(len(b) for b in self.dirty(stage, target, layers).values())
+        return blocks, blocks * stage.spec.bytes_per_block
+
+    def forget(self) -> None:
+        self._sent.clear()
+
+
+def frame_bytes(chunks: Iterable[KVChunk]) -> int:
+    return sum(c.nbytes for c in chunks)
+
+
+def blocks_in(chunks: Iterable[KVChunk]) -> int:
+    return sum(len(c.logical) for c in chunks)
+
