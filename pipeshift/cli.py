@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "frontend": "pipeshift.runtime.frontend.main",
     "plan": "pipeshift.placement.cli",
     "demo": "pipeshift.local.demo",
+    "reconfigure": "pipeshift.local.reconfigure",
 }
 
 

@@ -1,13 +1,16 @@
 """Live layout changes of a running pipeline (stage processes + frontend) while greedy requests stream:
 every request finishes with the tokens of the in-process engine (float64), each agent ends up holding
-exactly its new layers, and a change that fails before its commit leaves the old layout serving.
+exactly its new layers, no (position, layer) is computed twice by any strategy, and a change that fails
+before its commit leaves the old layout serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ import pytest
 import torch
 
 from pipeshift.api import Layout, StagePlan, plan_moves
-from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure
+from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure, tokens_recomputed
+from pipeshift.errors import UserError
 from pipeshift.local.processes import LocalAgents, http_json, start_agents
 from pipeshift.runtime.frontend.background import BackgroundFrontend
 from pipeshift.runtime.frontend.config import FrontendConfig
@@ -27,13 +31,14 @@ from pipeshift.runtime.model.make_model import make_model
 from pipeshift.runtime.pipeline import Pipeline
 
 VOCAB = 300
+LAYERS = 8
 KV_BYTES = 8 << 20
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
-    return make_model(tmp_path_factory.mktemp("reconfig") / "tiny", layers=8, hidden=32, heads=4, kv_heads=2,
+    return make_model(tmp_path_factory.mktemp("reconfig") / "tiny", layers=LAYERS, hidden=32, heads=4, kv_heads=2,
                       intermediate=64, vocab=VOCAB, seed=13, tie_embeddings=True)
 
 
@@ -90,10 +95,15 @@ def pipeline(model_dir: Path) -> Iterator[Pipeline4x4]:
         running.close()
 
 
+Result = tuple[list[int], str | None, list[float]]
+
+
 async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                 seen: list[int]) -> tuple[list[int], str | None]:
+                 seen: list[int]) -> Result:
+    """The tokens, the finish reason and the wall-clock arrival time of each token."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
     tokens: list[int] = []
+    arrived: list[float] = []
     finish = None
     async with session.post(url + "/v1/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
@@ -104,39 +114,46 @@ async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], ma
                 assert "error" not in event, event
                 choice = event["choices"][0]
                 tokens += choice.get("token_ids") or []
+                arrived += [time.time()] * len(choice.get("token_ids") or [])
                 seen.append(len(choice.get("token_ids") or []))
                 finish = choice.get("finish_reason") or finish
-    return tokens, finish
+    return tokens, finish, arrived
 
 
 def change_under_load(pipeline: Pipeline4x4, change: Callable[[], ReconfigReport], seed: int,
-                      ) -> tuple[ReconfigReport, list[tuple[list[int], int]], list[tuple[list[int], str | None]]]:
-    """Streams requests, runs `change` once tokens flow, streams more during it; waits for all. The first
-    requests are long enough to outlive starting an added stage's process, so they span the switch."""
+                      ) -> tuple[ReconfigReport, list[tuple[list[int], int]], list[Result]]:
+    """Streams requests, runs `change` once tokens flow, and keeps starting short ones every few tenths of a
+    second while it runs, so that some request spans the switch however long an added stage takes to
+    start; waits for all."""
     rng = random.Random(seed)
-    early = [([rng.randrange(2, VOCAB) for _ in range(rng.randint(3, 24))], rng.randint(250, 350)) for _ in range(6)]
-    late = [([rng.randrange(2, VOCAB) for _ in range(rng.randint(3, 24))], rng.randint(60, 120)) for _ in range(4)]
 
-    async def scenario() -> tuple[ReconfigReport, list[tuple[list[int], str | None]]]:
+    def draw(shortest: int, longest: int) -> tuple[list[int], int]:
+        return [rng.randrange(2, VOCAB) for _ in range(rng.randint(3, 24))], rng.randint(shortest, longest)
+
+    requests = [draw(250, 350) for _ in range(6)]
+
+    async def scenario() -> tuple[ReconfigReport, list[Result]]:
         url = pipeline.frontend.url
         seen: list[int] = []
         async with aiohttp.ClientSession() as session:
-            first = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in early]
+            streams = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in requests]
             while sum(seen) < 12:
                 await asyncio.sleep(0.01)
             changing = asyncio.create_task(asyncio.to_thread(change))
-            await asyncio.sleep(0.05)
-            second = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in late]
+            while not changing.done():
+                await asyncio.sleep(0.05 if len(requests) == 6 else 0.3)
+                requests.append(draw(40, 90))
+                streams.append(asyncio.create_task(stream(session, url, *requests[-1], seen)))
             report = await changing
-            return report, list(await asyncio.gather(*first, *second))
+            return report, list(await asyncio.gather(*streams))
 
     report, results = asyncio.run(scenario())
-    return report, early + late, results
+    return report, requests, results
 
 
-def assert_all_match(requests: list[tuple[list[int], int]], results: list[tuple[list[int], str | None]],
+def assert_all_match(requests: list[tuple[list[int], int]], results: list[Result],
                      oracle: Callable[[list[int], int], list[int]]) -> None:
-    for (prompt, max_tokens), (tokens, finish) in zip(requests, results, strict=True):
+    for (prompt, max_tokens), (tokens, finish, _) in zip(requests, results, strict=True):
         assert finish in ("stop", "length")
         assert tokens == oracle(prompt, max_tokens)
 
@@ -150,25 +167,73 @@ def assert_holds_exactly(pipeline: Pipeline4x4, layout: Layout) -> None:
         assert info["layers"] == [stage.start, stage.end] and info["reconfig"] is None
 
 
-@pytest.mark.parametrize("target", ["3,5", "3,3,2"])
-def test_a_live_change_under_streaming_load_loses_nothing_and_changes_no_token(
-    pipeline: Pipeline4x4, oracle: Callable[[list[int], int], list[int]], target: str
+def recomputed(pipeline: Pipeline4x4, report: ReconfigReport, requests: list[tuple[list[int], int]],
+               results: list[Result], stage_ids: list[int]) -> int:
+    counted = [pipeline.stats(sid)["layer_tokens_computed"] for sid in stage_ids]
+    counted += [stats["layer_tokens_computed"] for stats in report.departed_stats.values()]
+    lengths = [(len(prompt), len(tokens)) for (prompt, _), (tokens, _, _) in zip(requests, results, strict=True)]
+    return tokens_recomputed(counted, lengths, LAYERS)
+
+
+def live_kv_bytes_at_switch(pipeline: Pipeline4x4, report: ReconfigReport, requests: list[tuple[list[int], int]],
+                            results: list[Result], moved_layers: int) -> int:
+    """A lower bound from the client side alone: a request that streamed before the hold and after the resume
+    was live across the switch, holding KV for at least its prompt and all but the last token it had seen."""
+    assert report.held_unix is not None and report.resumed_unix is not None
+    info = pipeline.info(0)
+    block_size, block_bytes = info["block_size"], info["kv"]["block_bytes"]
+    total = 0
+    for (prompt, _), (_, _, arrived) in zip(requests, results, strict=True):
+        before = sum(1 for t in arrived if t < report.held_unix)
+        if before and arrived[-1] > report.resumed_unix:
+            total += math.ceil((len(prompt) + before - 1) / block_size) * block_bytes * moved_layers
+    return total
+
+
+def pool_sizes(pipeline: Pipeline4x4, stage_ids: list[int]) -> list[int]:
+    return [pipeline.info(sid)["kv"]["total_blocks"] for sid in stage_ids]
+
+
+@pytest.mark.parametrize(
+    ("target", "strategy"), [("3,5", "live"), ("3,3,2", "live"), ("3,3,2", "stop-copy"), ("3,5", "live-no-resize")]
+)
+def test_a_change_under_streaming_load_loses_nothing_changes_no_token_and_recomputes_nothing(
+    pipeline: Pipeline4x4, oracle: Callable[[list[int], int], list[int]], target: str, strategy: str
 ) -> None:
     plan = plan_moves(Layout.parse("4,4"), Layout.parse(target))
+    old_pools = pool_sizes(pipeline, [s.stage_id for s in plan.old])
     report, requests, results = change_under_load(
         pipeline,
-        lambda: reconfigure(pipeline.frontend.url, dict(pipeline.urls), plan,
-                            start_stage=pipeline.start_stage, stop_stage=pipeline.stop_stage),
+        lambda: reconfigure(pipeline.frontend.url, dict(pipeline.urls), plan, start_stage=pipeline.start_stage,
+                            stop_stage=pipeline.stop_stage, strategy=strategy),
         seed=len(target),
     )
     assert report.outcome == "committed", report.error
+    assert report.strategy == strategy
     assert_all_match(requests, results, oracle)
     assert report.epoch == 1 and pipeline.frontend.frontend.scheduler.epoch == 1
-    assert report.precopy_rounds >= 1 and report.kv_bytes_moved > 0
     assert 0 < report.pause_ms < report.switch_duration_ms
     assert_holds_exactly(pipeline, plan.new)
     state = http_json(pipeline.frontend.url + "/control/state")[1]
     assert state["reserved_blocks"] == [0] * len(plan.new) and state["gate"] == "open"
+    assert recomputed(pipeline, report, requests, results, [s.stage_id for s in plan.new]) == 0
+    live_kv = live_kv_bytes_at_switch(pipeline, report, requests, results, len(plan.moves))
+    assert live_kv > 0 and report.kv_bytes_moved >= live_kv
+    if strategy == "stop-copy":
+        assert report.precopy_rounds == 0 and len(report.rounds) == 1 and report.rounds[0].dirty_blocks == 0
+    else:
+        assert report.precopy_rounds >= 1
+    if strategy == "live-no-resize":
+        assert pool_sizes(pipeline, [s.stage_id for s in plan.old]) == old_pools
+
+
+@pytest.mark.parametrize("strategy", ["restart", "pre-copy"])
+def test_an_unknown_or_restart_strategy_is_refused_naming_the_valid_ones(strategy: str) -> None:
+    plan = plan_moves(Layout.parse("4,4"), Layout.parse("3,5"))
+    with pytest.raises(UserError, match=r"live, live-no-resize, stop-copy") as refused:
+        reconfigure("http://127.0.0.1:9", {0: "http://127.0.0.1:9", 1: "http://127.0.0.1:9"}, plan,
+                    strategy=strategy)
+    assert strategy in str(refused.value)
 
 
 def test_a_change_that_fails_before_commit_leaves_the_old_layout_serving(

@@ -3,12 +3,14 @@
 Pure Python (no torch, nothing of `pipeshift.runtime`), so the Kubernetes operator runs it unchanged.
 """
 
+from pipeshift.control.counters import needed_layer_tokens, stage_layer_tokens, tokens_recomputed
 from pipeshift.control.http import ControlCallError, ControlClient
 from pipeshift.control.phases import Phase, PhaseClock
 from pipeshift.control.precopy import RoundStats, precopy_done
-from pipeshift.control.reconfigure import ReconfigReport, SwitchBudget, reconfigure
+from pipeshift.control.reconfigure import STRATEGIES, ReconfigReport, SwitchBudget, reconfigure
 
 __all__ = [
+    "STRATEGIES",
     "ControlCallError",
     "ControlClient",
     "Phase",
@@ -16,6 +18,9 @@ __all__ = [
     "ReconfigReport",
     "RoundStats",
     "SwitchBudget",
+    "needed_layer_tokens",
     "precopy_done",
     "reconfigure",
+    "stage_layer_tokens",
+    "tokens_recomputed",
 ]

@@ -1,5 +1,9 @@
-"""`reconfigure`: one live layout change (prepare, pre-copy, drain switch, clean up) driven over the
-control APIs of the frontend and the agents, with abort back to the old layout before the commit point.
+"""`reconfigure`: one layout change (prepare, pre-copy, drain switch, clean up) driven over the control
+APIs of the frontend and the agents, with abort back to the old layout before the commit point.
+
+Strategies: `live` pre-copies KV while serving and moves only the rest while held; `live-no-resize` does
+the same with every pool keeping its size; `stop-copy` holds first and then prepares and copies all KV
+of the moving layers at once (the baseline that live pre-copy is measured against).
 
 Stages are addressed by the stage ids of `plan.new` (`api.plan_moves`); added stages are started and
 removed ones stopped through callables, so the same code serves local processes and Kubernetes pods.
@@ -7,7 +11,9 @@ removed ones stopped through callables, so the same code serves local processes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,11 +23,13 @@ from pipeshift.api import ReconfigPlan, StagePlan
 from pipeshift.control.http import ControlCallError, ControlClient, call_all
 from pipeshift.control.phases import Phase, PhaseClock
 from pipeshift.control.precopy import RoundStats, copy_pairs, precopy_done, run_round
+from pipeshift.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # Calls after the commit point are retried this often before the change is reported failed.
 COMMIT_ATTEMPTS = 3
+STRATEGIES = ("live", "live-no-resize", "stop-copy")
 
 
 @dataclass(frozen=True)
@@ -47,9 +55,13 @@ class SwitchBudget:
 @dataclass
 class ReconfigReport:
     """`pause_ms`: serving held, from the hold call to the frontend's resume answer; `switch_duration_ms`:
-    the whole change; `outcome`: committed, aborted (old layout serving) or failed (after commit)."""
+    the whole change; `outcome`: committed, aborted (old layout serving) or failed (after commit).
+    `held_unix`/`resumed_unix`: wall-clock times of the hold call and the resume answer, to match against
+    client-side timestamps; `departed_stats`: `/stats` of each removed stage, read just before stopping it
+    (its counters are part of the work the change cost)."""
 
     reconfig_id: str
+    strategy: str = "live"
     outcome: str = "running"
     error: str | None = None
     epoch: int | None = None
@@ -59,10 +71,14 @@ class ReconfigReport:
     kv_bytes_moved: int = 0
     rounds: list[RoundStats] = field(default_factory=list)
     phases_ms: dict[str, float] = field(default_factory=dict)
+    held_unix: float | None = None
+    resumed_unix: float | None = None
+    departed_stats: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "reconfig_id": self.reconfig_id,
+            "strategy": self.strategy,
             "outcome": self.outcome,
             "error": self.error,
             "epoch": self.epoch,
@@ -72,6 +88,9 @@ class ReconfigReport:
             "kv_bytes_moved": self.kv_bytes_moved,
             "rounds": [r.to_json() for r in self.rounds],
             "phases_ms": self.phases_ms,
+            "held_unix": self.held_unix,
+            "resumed_unix": self.resumed_unix,
+            "departed_stats": {str(k): v for k, v in self.departed_stats.items()},
         }
 
 
@@ -92,16 +111,23 @@ def reconfigure(
     stop_stage: Callable[[int], None] | None = None,
     budget: SwitchBudget | None = None,
     token: str | None = None,
+    strategy: str = "live",
 ) -> ReconfigReport:
-    """Change the running pipeline from `plan.old` to `plan.new` while it serves.
+    """Change the running pipeline from `plan.old` to `plan.new` while it serves, by `strategy` (one of
+    `STRATEGIES`; `live-no-resize` overrides `budget.resize`).
 
     `agents` maps the old layout's stage ids to their control URLs. `start_stage(stage)` starts an
     added stage with its layers and returns its control URL; `stop_stage(stage_id)` stops one (removed
     stages after the switch, started ones on abort). Returns the report; an abort is an outcome
     (`report.error` says why), a failure after commit raises ReconfigFailed.
     """
-    run = _Run(frontend_url, agents, plan, start_stage, stop_stage, budget or SwitchBudget(), token)
-    return run.execute()
+    if strategy not in STRATEGIES:
+        extra = " (a restart needs the frontend to prefill again, which it cannot)" if strategy == "restart" else ""
+        raise UserError(f"unknown reconfiguration strategy {strategy!r}{extra}; valid: {', '.join(STRATEGIES)}")
+    budget = budget or SwitchBudget()
+    if strategy == "live-no-resize":
+        budget = dataclasses.replace(budget, resize=False)
+    return _Run(frontend_url, agents, plan, start_stage, stop_stage, budget, token, strategy).execute()
 
 
 class _Run:
@@ -114,6 +140,7 @@ class _Run:
         stop_stage: Callable[[int], None] | None,
         budget: SwitchBudget,
         token: str | None,
+        strategy: str,
     ) -> None:
         missing = sorted({s.stage_id for s in plan.old} - set(agents))
         if missing:
@@ -127,11 +154,13 @@ class _Run:
         self.stop_stage = stop_stage
         self.frontend = ControlClient(frontend_url, token, budget.call_timeout_s)
         self.clients = {sid: ControlClient(url, token, budget.call_timeout_s) for sid, url in agents.items()}
-        self.report = ReconfigReport(reconfig_id=f"reconfig-{uuid.uuid4().hex[:12]}")
+        self.report = ReconfigReport(reconfig_id=f"reconfig-{uuid.uuid4().hex[:12]}", strategy=strategy)
         self.clock = PhaseClock()
         self.started: list[int] = []
         self.held = False
         self.held_at = 0.0
+        self.live: list[int] = []
+        self.reserve_tokens: dict[str, int] = {}
 
     def _id(self, what: str) -> str:
         return f"{self.report.reconfig_id}-{what}-{uuid.uuid4().hex[:8]}"
@@ -167,21 +196,15 @@ class _Run:
         self.data = {sid: f"{i['data']['host']}:{i['data']['port']}" for sid, i in zip(involved, infos, strict=True)}
         self.pairs = copy_pairs(self.plan)
         self.targets = sorted({p.target for p in self.pairs} | set(self.plan.added))
+        if self.report.strategy == "stop-copy":
+            self._stop_and_copy()
+            return
         self.clock.enter(Phase.PREPARING)
         self._prepare(state["sequences"])
         self.clock.enter(Phase.PRECOPYING)
         while not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds) and self.pairs:
             self._round()
-        self.clock.enter(Phase.HOLDING)
-        self.held_at = self.clock.elapsed_ms()
-        self.held = True
-        held = self.frontend.post(
-            "/control/hold",
-            {"request_id": self._id("hold"), "timeout_s": self.budget.hold_timeout_s},
-            self.budget.hold_timeout_s + self.budget.call_timeout_s,
-        )
-        self.live = [int(s) for s in held["sequences"]]
-        self._prepare(held["reserve_tokens"])
+        self._hold()
         self.clock.enter(Phase.FINAL_COPY)
         for _ in range(self.budget.final_rounds):
             if not self.pairs or self._round().dirty_blocks == 0:
@@ -190,6 +213,30 @@ class _Run:
             raise RuntimeError(
                 f"KV of the moving layers was still dirty after {self.budget.final_rounds} rounds while held"
             )
+
+    def _stop_and_copy(self) -> None:
+        """Held for everything: prepare, then one copy of all KV of the moving layers. Nothing computes while
+        held, so that one copy leaves nothing dirty; anything still dirty is a fault, not a reason to patch."""
+        self._hold()
+        self._prepare(self.reserve_tokens)
+        self.clock.enter(Phase.FINAL_COPY)
+        if self.pairs and self._round(precopy=False).dirty_blocks:
+            raise RuntimeError(f"KV of the moving layers changed while held: {self.report.rounds[-1]}")
+
+    def _hold(self) -> None:
+        self.clock.enter(Phase.HOLDING)
+        self.held_at = self.clock.elapsed_ms()
+        self.report.held_unix = time.time()
+        self.held = True
+        held = self.frontend.post(
+            "/control/hold",
+            {"request_id": self._id("hold"), "timeout_s": self.budget.hold_timeout_s},
+            self.budget.hold_timeout_s + self.budget.call_timeout_s,
+        )
+        self.live = [int(s) for s in held["sequences"]]
+        self.reserve_tokens = {str(k): int(v) for k, v in held["reserve_tokens"].items()}
+        if self.report.strategy != "stop-copy":
+            self._prepare(self.reserve_tokens)
 
     def _prepare(self, sequences: Mapping[str, int]) -> None:
         """Every target loads its incoming layers and reserves KV for `sequences` on them (idempotent
@@ -211,10 +258,12 @@ class _Run:
 
         call_all(one, self.targets)
 
-    def _round(self) -> RoundStats:
+    def _round(self, precopy: bool = True) -> RoundStats:
+        """`precopy`: a round of the pre-copy protocol (the final rounds while held included), as opposed to
+        stop-copy's single bulk copy."""
         stats = run_round(self.report.reconfig_id, self.pairs, self.clients, self.data, self.budget.call_timeout_s)
         self.report.rounds.append(stats)
-        self.report.precopy_rounds = len(self.report.rounds)
+        self.report.precopy_rounds += precopy
         self.report.kv_bytes_moved += stats.bytes
         logger.info("%s: pre-copy round %d moved %d bytes, %d still dirty", self.report.reconfig_id,
                     len(self.report.rounds), stats.bytes, stats.dirty_bytes)
@@ -244,6 +293,7 @@ class _Run:
             "epoch": self.epoch,
         }
         self._forward(self.frontend, "/control/resume", resume)
+        self.report.resumed_unix = time.time()
         self.held = False
         self.report.pause_ms = self.clock.elapsed_ms() - self.held_at
 
@@ -261,6 +311,10 @@ class _Run:
     def _clean_up(self) -> None:
         self.clock.enter(Phase.CLEANING)
         for sid in self.plan.removed:
+            try:
+                self.report.departed_stats[sid] = self.clients[sid].get("/stats")
+            except ControlCallError as error:
+                logger.warning("%s: stage %d left without its stats: %s", self.report.reconfig_id, sid, error)
             if self.stop_stage is not None:
                 self.stop_stage(sid)
         self._finish(Phase.DONE)

@@ -1,82 +1,195 @@
-"""`pipeshift demo`: the main job on an embedded default, on one machine, with nothing to configure.
+"""`pipeshift demo`: a live layout change under streaming load, on one machine, with nothing to configure.
 
-It writes a small random Llama checkpoint (once, under `--workdir`), serves it through a 2-stage
-pipeline of agent processes behind the OpenAI-compatible frontend, sends a burst of concurrent
-streaming requests with a progress bar, and prints throughput and TTFT/TPOT percentiles.
+It serves a generated 8-layer model (or `--model`) through local stage processes, replays a workload on
+the `--from` layout as the reference, replays it again while changing to `--to` mid-run, and reports
+lost requests, token equality with the reference, the client-side pause and the switch's costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import statistics
 import sys
-import urllib.request
+import time
 from pathlib import Path
+from typing import Any
 
-from pipeshift.local.loadgen import Load, RequestTiming, drive, summarize
-from pipeshift.local.serve import frontend_config, start_pipeline
+from pipeshift.control import ReconfigReport
+from pipeshift.errors import UserError
+from pipeshift.local.live import LivePipeline
+from pipeshift.local.loadgen import PlannedRequest, StreamResult, percentile, poisson_requests, replay
+from pipeshift.local.processes import start_agents
+from pipeshift.local.reconfigure_endpoint import STRATEGIES, budget_for
+from pipeshift.local.serve import frontend_config, model_layout
+from pipeshift.local.trace import load_trace
 from pipeshift.runtime.frontend import BackgroundFrontend
+from pipeshift.runtime.model.config import LlamaConfig
 from pipeshift.runtime.model.make_model import make_model
 from pipeshift.runtime.threads import configure_threads
 
-HELP = "run a local pipeline on a small generated model under a burst of requests"
-DEMO_MODEL = {"layers": 6, "hidden": 256, "heads": 8, "kv_heads": 4, "intermediate": 768, "vocab": 2048, "seed": 0}
+HELP = "change a local pipeline's layout live under streaming load and report what the clients saw"
+DEMO_MODEL = {"layers": 8, "hidden": 256, "heads": 8, "kv_heads": 4, "intermediate": 768, "vocab": 2048, "seed": 0}
+SPANNING_TARGET = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(".pipeshift-demo"),
                         help="where the demo model is written (reused on later runs)")
-    parser.add_argument("--layout", default="3,3", help="layers per stage (default 3,3)")
-    parser.add_argument("--requests", type=int, default=32, help="requests in the burst (default 32)")
-    parser.add_argument("--rate", type=float, default=16.0, help="arrivals per second (default 16)")
-    parser.add_argument("--prompt-tokens", type=int, default=48)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", type=Path, default=None, help="serve this model instead of the demo model")
+    parser.add_argument("--from", dest="old", default="4,4", help="layout before the change (default 4,4)")
+    parser.add_argument("--to", dest="new", default="3,3,2", help="layout after the change (default 3,3,2)")
+    parser.add_argument("--strategy", default="live", help=f"one of {', '.join(STRATEGIES)} (default live)")
+    parser.add_argument("--switch", default="drain", choices=["drain"], help="how the switch hands over")
+    parser.add_argument("--requests", type=int, default=32, help="requests in the workload (default 32)")
+    parser.add_argument("--rate", type=float, default=12.0, help="Poisson arrivals per second (default 12)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="replay arrivals and lengths from a CSV of TIMESTAMP,ContextTokens,GeneratedTokens")
+    parser.add_argument("--speedup", type=float, default=1.0, help="divide trace inter-arrival times by this")
+    parser.add_argument("--prompt-tokens", type=int, default=48, help="longest prompt (default 48)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="longest output (default 48)")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
 def demo_model(workdir: Path) -> Path:
-    path = workdir / "model"
+    """The demo model, written once; its directory is named by its shape so a changed shape gets a new one."""
+    path = workdir / "model-{layers}L-h{hidden}-v{vocab}-s{seed}".format(**DEMO_MODEL)
     if not (path / "config.json").exists():
         print(f"writing a {DEMO_MODEL['layers']}-layer demo model to {path} ...", file=sys.stderr)
         make_model(path, **DEMO_MODEL)
     return path
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr: requests done, and tokens so far."""
+class Progress:
+    """One line on stderr: the phase, requests done, and tokens so far."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.tokens = total, 0, 0
+    def __init__(self, phase: str, total: int) -> None:
+        self.phase, self.total, self.done, self.tokens = phase, total, 0, 0
 
-    def __call__(self, timing: RequestTiming) -> None:
+    def __call__(self, result: StreamResult) -> None:
         self.done += 1
-        self.tokens += timing.tokens
+        self.tokens += len(result.tokens)
         filled = 30 * self.done // self.total
-        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} requests, "
+        print(f"\r{self.phase:<10} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} requests, "
               f"{self.tokens} tokens", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
 
 
-def sample_completion(url: str, prompt: str) -> str:
-    body = json.dumps({"prompt": prompt, "max_tokens": 24, "temperature": 0}).encode()
-    request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as resp:
-        return json.load(resp)["choices"][0]["text"]
+def workload(args: argparse.Namespace, config: LlamaConfig) -> list[PlannedRequest]:
+    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0:
+        raise UserError("--requests, --rate and --speedup must be positive")
+    if args.trace is not None:
+        return load_trace(args.trace, requests=args.requests, vocab=config.vocab_size,
+                          context=config.max_position_embeddings, max_prompt=args.prompt_tokens,
+                          max_tokens=args.max_tokens, seed=args.seed, speedup=args.speedup)
+    return poisson_requests(args.requests, args.rate, seed=args.seed, vocab=config.vocab_size,
+                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+
+
+async def replay_with_change(url: str, planned: list[PlannedRequest], pipeline: LivePipeline, to: str,
+                             strategy: str) -> tuple[list[StreamResult], ReconfigReport, float, float]:
+    """Replays `planned` and starts the change once `SPANNING_TARGET` requests stream at once (or, if the
+    load never gets there, at the last arrival); returns results, report, switch start and end."""
+    budget = budget_for(strategy)
+    tasks: list[asyncio.Task[StreamResult]] = []
+    switch: dict[str, Any] = {}
+    watcher: list[asyncio.Task[None]] = []
+
+    def started(growing: list[asyncio.Task[StreamResult]]) -> None:
+        nonlocal tasks
+        tasks = growing
+        watcher.append(asyncio.create_task(changer()))
+
+    async def changer() -> None:
+        target = min(SPANNING_TARGET, len(planned))
+        while True:
+            live = sum(1 for t in tasks if not t.done())
+            if live >= target or (len(tasks) == len(planned) and live > 0) or len(tasks) == len(planned) == 0:
+                break
+            await asyncio.sleep(0.005)
+        switch["start"] = time.perf_counter()
+        switch["report"] = await asyncio.to_thread(pipeline.change, url, to, budget)
+        switch["end"] = time.perf_counter()
+
+    results = await replay(url, planned, Progress("live", len(planned)), started=started)
+    await watcher[0]
+    return results, switch["report"], switch["start"], switch["end"]
+
+
+def token_gaps(result: StreamResult) -> list[tuple[float, float]]:
+    """(end time, gap) between consecutive tokens, the first gap measured from sending (TTFT)."""
+    times = [result.sent, *result.token_times]
+    return [(b, b - a) for a, b in itertools.pairwise(times) if b > a or a == result.sent]
+
+
+def latency(results: list[StreamResult]) -> dict[str, float | None]:
+    ttft = [r.token_times[0] - r.sent for r in results if r.token_times]
+    tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1)
+            for r in results if len(r.token_times) > 1]
+
+    def ms(values: list[float], q: float) -> float | None:
+        if not values:
+            return None
+        return 1e3 * (statistics.median(values) if q == 0.5 else percentile(values, q))
+
+    return {"ttft_p50_ms": ms(ttft, 0.5), "ttft_p95_ms": ms(ttft, 0.95),
+            "tpot_p50_ms": ms(tpot, 0.5), "tpot_p95_ms": ms(tpot, 0.95)}
+
+
+def measure(args: argparse.Namespace, reference: list[StreamResult], live: list[StreamResult],
+            report: ReconfigReport, start: float, end: float) -> dict[str, Any]:
+    spanning = [r for r in live if r.sent <= end and r.ended >= start]
+    steady = reference  # the same workload without a change: the steady state to compare the switch with
+    steady_gaps = [g for r in steady for _, g in token_gaps(r)[1:]]
+    window_gaps = [g for r in spanning for t, g in token_gaps(r)[1:] if t >= start and t - g <= end]
+    p99 = percentile(steady_gaps, 0.99) if steady_gaps else 0.0
+    diverged = sum(1 for a, b in zip(reference, live, strict=True) if a.tokens != b.tokens)
+    ok = [r for r in live if r.finish in ("stop", "length")]
+    return {
+        "strategy": args.strategy, "switch": args.switch, "from": args.old, "to": args.new,
+        "dtype": args.dtype, "outcome": report.outcome, "error": report.error,
+        "requests": len(live), "requests_completed": len(ok), "requests_lost": len(live) - len(ok),
+        "requests_spanning_switch": len(spanning),
+        "outputs_match_reference": diverged == 0,
+        "near_tie_divergences": diverged,
+        "pause_ms": max(0.0, (max(window_gaps, default=0.0) - p99) * 1e3),
+        "controller_pause_ms": report.pause_ms,
+        "switch_duration_ms": report.switch_duration_ms,
+        "precopy_rounds": report.precopy_rounds, "kv_bytes_moved": report.kv_bytes_moved,
+        "steady": latency(steady), "switch_window": latency(spanning),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows: list[tuple[str, Any]] = [(k, v) for k, v in result.items() if not isinstance(v, dict)]
+    for part in ("steady", "switch_window"):
+        rows += [(f"{part} {k}", "-" if v is None else f"{v:.1f}") for k, v in result[part].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {f'{v:.1f}' if isinstance(v, float) else v}" for k, v in rows)
 
 
 def run(args: argparse.Namespace) -> int:
     configure_threads(1)
-    model = demo_model(args.workdir)
-    load = Load(rate=args.rate, requests=args.requests, prompt_tokens=args.prompt_tokens,
-                max_tokens=args.max_tokens, warmup=2)
-    print(f"starting a {len(args.layout.split(','))}-stage pipeline ({args.layout}) ...", file=sys.stderr)
-    with start_pipeline(model, args.layout) as agents, \
+    budget_for(args.strategy)
+    model = args.model if args.model is not None else demo_model(args.workdir)
+    config = LlamaConfig.from_file(model / "config.json")
+    old = model_layout(model, args.old)
+    model_layout(model, args.new)
+    planned = workload(args, config)
+    print(f"starting the {args.old} pipeline ...", file=sys.stderr)
+    with start_agents(model, old, dtype=args.dtype) as agents, \
             BackgroundFrontend(frontend_config(model, agents)) as frontend:
-        print(f"serving on {frontend.url}; sample: {sample_completion(frontend.url, 'The pipeline')!r}")
-        timings, wall = asyncio.run(drive(frontend.url, load, DEMO_MODEL["vocab"],
-                                          on_done=ProgressBar(load.requests)))
-    s = summarize(timings, wall)
-    print(f"requests {s['requests']}, tokens {s['tokens']}, {s['throughput_tok_s']:.1f} tok/s, "
-          f"{s['requests_per_s']:.2f} req/s")
-    print(f"TTFT p50 {s['ttft_p50_s'] * 1e3:.1f} ms, p95 {s['ttft_p95_s'] * 1e3:.1f} ms; "
-          f"TPOT p50 {s['tpot_p50_s'] * 1e3:.1f} ms, p95 {s['tpot_p95_s'] * 1e3:.1f} ms")
-    return 0
+        pipeline = LivePipeline(model, agents, old, dtype=args.dtype, token=frontend.frontend.config.control_token)
+        try:
+            reference = asyncio.run(replay(frontend.url, planned, Progress("reference", len(planned))))
+            live, report, start, end = asyncio.run(
+                replay_with_change(frontend.url, planned, pipeline, args.new, args.strategy))
+        finally:
+            frontend.stop()
+            pipeline.stop()
+    result = measure(args, reference, live, report, start, end)
+    print(json.dumps(result) if args.json else table(result))
+    return 0 if result["outcome"] == "committed" and result["requests_lost"] == 0 else 1

@@ -108,3 +108,91 @@ def summarize(timings: list[RequestTiming], wall: float) -> dict[str, float]:
         "tpot_p95_s": percentile(tpot, 0.95),
         "e2e_p50_s": statistics.median(t.e2e for t in timings),
     }
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of a replayable workload: when it arrives (seconds from the start) and what it asks."""
+
+    arrival_s: float
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """What the client saw: tokens, finish reason (None if the stream broke), and when each token came."""
+
+    tokens: list[int]
+    finish: str | None
+    sent: float
+    token_times: list[float]
+    error: str | None = None
+
+    @property
+    def ended(self) -> float:
+        return self.token_times[-1] if self.token_times else self.sent
+
+
+def poisson_requests(n: int, rate: float, *, seed: int, vocab: int, prompt_tokens: int,
+                     max_tokens: int) -> list[PlannedRequest]:
+    """Poisson arrivals at `rate` per second; prompt and output lengths uniform up to the given sizes."""
+    rng = random.Random(seed)
+    at, planned = 0.0, []
+    for _ in range(n):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(max(1, prompt_tokens // 2), prompt_tokens))]
+        planned.append(PlannedRequest(at, prompt, rng.randint(max(1, max_tokens // 2), max_tokens)))
+        at += rng.expovariate(rate)
+    return planned
+
+
+async def stream_planned(session: aiohttp.ClientSession, url: str, request: PlannedRequest) -> StreamResult:
+    """One greedy streaming request; failures are results (finish None), since the demo counts losses."""
+    body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    sent = time.perf_counter()
+    tokens: list[int] = []
+    times: list[float] = []
+    finish = None
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                return StreamResult(tokens, None, sent, times, f"HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return StreamResult(tokens, None, sent, times, str(chunk["error"]))
+                choice = chunk["choices"][0]
+                got = choice.get("token_ids") or []
+                tokens += got
+                times += [time.perf_counter()] * len(got)
+                finish = choice.get("finish_reason") or finish
+    except aiohttp.ClientError as error:
+        return StreamResult(tokens, None, sent, times, str(error))
+    return StreamResult(tokens, finish, sent, times)
+
+
+async def replay(url: str, planned: list[PlannedRequest],
+                 on_done: Callable[[StreamResult], None] | None = None,
+                 started: Callable[[list[asyncio.Task[StreamResult]]], None] | None = None) -> list[StreamResult]:
+    """Send `planned` open-loop at their arrival times; `started` sees the task list as it grows."""
+    tasks: list[asyncio.Task[StreamResult]] = []
+
+    async def one(request: PlannedRequest) -> StreamResult:
+        result = await stream_planned(session, url, request)
+        if on_done is not None:
+            on_done(result)
+        return result
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0 = time.perf_counter()
+        if started is not None:
+            started(tasks)
+        for request in planned:
+            delay = t0 + request.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(request)))
+        return list(await asyncio.gather(*tasks))

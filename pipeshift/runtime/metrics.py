@@ -48,6 +48,8 @@ class AgentMetrics:
                               ["stage"], buckets=STEP_BUCKETS, registry=r).labels(s)
         self.step_tokens = Counter("pipeshift_stage_tokens", "Tokens a stage computed.", ["stage"],
                                    registry=r).labels(s)
+        self.layer_tokens = Counter("pipeshift_stage_layer_tokens", "(Position, layer) forward computations of a "
+                                    "stage, failed batches included.", ["stage"], registry=r).labels(s)
         self.layers = Gauge("pipeshift_stage_layers", "Layers a stage holds.", ["stage"], registry=r).labels(s)
         self.kv_total = Gauge("pipeshift_kv_blocks_capacity", "Physical KV blocks in a stage's pool.", ["stage"],
                               registry=r).labels(s)

@@ -58,6 +58,9 @@ class Stage:
         # Sequences this stage holds only because KV was imported or reserved for a reconfiguration
         # (not admitted in-band): `discard_prepared` releases them.
         self._adopted: set[int] = set()
+        # (position, layer) forward computations ever run here, counted per layer as it runs, so a batch
+        # that fails half-way still counts the work it did: the honest base for measuring recomputation.
+        self.layer_tokens_computed = 0
         self.start = self.end = start
         self.load_layers(start, end)
 
@@ -314,6 +317,7 @@ class Stage:
             h = inputs.to(self.dtype)
         for layer in self.layers.values():
             h = layer.forward(h, cos, sin, self.cache, spans)
+            self.layer_tokens_computed += tokens
         if self.head is None:
             return h
         if not (all_logits or decode_only):

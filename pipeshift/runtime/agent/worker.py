@@ -39,6 +39,7 @@ class StepStats:
     tokens: int = 0
     step_seconds: float = 0.0
     last_step_seconds: float = 0.0
+    layer_tokens_computed: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -85,7 +86,10 @@ class StageWorker:
                     self.stage.reserve(span.seq_id, tokens)
                     admitted.append(span.seq_id)
             started = time.perf_counter()
-            out = self.stage.forward(mb.spans, mb.data)
+            try:
+                out = self.stage.forward(mb.spans, mb.data)
+            finally:
+                self._count_layer_tokens()
             elapsed = time.perf_counter() - started
         except (KVCapacityError, ValueError, IndexError, RuntimeError) as exc:
             # Blocks reserved by this batch would otherwise leak: the frontend only releases what it
@@ -106,6 +110,11 @@ class StageWorker:
         if not mb.spans:
             return replace(mb, data=empty_data(), error=error)
         return mb.failed(error, self.output_width(), self.dtype)
+
+    def _count_layer_tokens(self) -> None:
+        done = self.stage.layer_tokens_computed - self.stats.layer_tokens_computed
+        self.stats.layer_tokens_computed += done
+        self.metrics.layer_tokens.inc(done)
 
     def _record(self, tokens: int, elapsed: float) -> None:
         s = self.stats

@@ -1,0 +1,65 @@
+"""`pipeshift reconfigure`: change the layout of a running `pipeshift serve` pipeline by hand, through the
+reconfiguration endpoint that `serve` prints at start-up, and print the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pipeshift.errors import UserError
+from pipeshift.local.processes import http_json
+from pipeshift.local.reconfigure_endpoint import STRATEGIES
+from pipeshift.runtime.security import load_control_token
+
+HELP = "change the layout of a running `pipeshift serve` pipeline live"
+# A change starts stage processes and copies KV while serving: minutes at most on a loaded host.
+CALL_TIMEOUT_S = 600.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", required=True,
+                        help="the reconfigure endpoint `pipeshift serve` printed, e.g. http://127.0.0.1:41234")
+    parser.add_argument("--to", required=True, help="the new layers per stage, e.g. 3,3,2")
+    parser.add_argument("--strategy", default="live", choices=sorted(STRATEGIES))
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def request_change(endpoint: str, to: str, strategy: str = "live") -> dict[str, Any]:
+    """POST the change and return `{"report": ..., "layout": ...}`; no answer or an error is a UserError."""
+    url = endpoint.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = f"http://{url}"
+    try:
+        status, answer = http_json(f"{url}/reconfigure", "POST", {"to": to, "strategy": strategy},
+                                   load_control_token(), CALL_TIMEOUT_S)
+    except OSError as error:
+        raise UserError(f"--endpoint {endpoint}: no answer ({error}); is `pipeshift serve` running there?") from None
+    if "report" not in answer:
+        raise UserError(f"reconfiguration to {to}: HTTP {status}: {answer.get('error', answer)}")
+    return answer
+
+
+def table(answer: dict[str, Any]) -> str:
+    report = answer["report"]
+    rows = [
+        ("outcome", report["outcome"]),
+        ("layout now", answer["layout"]),
+        ("epoch", report["epoch"]),
+        ("switch duration", f"{report['switch_duration_ms']:.1f} ms"),
+        ("pause (held)", f"{report['pause_ms']:.1f} ms"),
+        ("pre-copy rounds", report["precopy_rounds"]),
+        ("KV bytes moved", report["kv_bytes_moved"]),
+        *((f"phase {name}", f"{ms:.1f} ms") for name, ms in report["phases_ms"].items()),
+    ]
+    if report["error"]:
+        rows.append(("error", report["error"]))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    answer = request_change(args.endpoint, args.to, args.strategy)
+    print(json.dumps(answer) if args.json else table(answer))
+    return 0 if answer["report"]["outcome"] == "committed" else 1

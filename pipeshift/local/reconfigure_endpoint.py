@@ -1,0 +1,67 @@
+"""The reconfiguration endpoint `pipeshift serve` hosts beside the frontend: `POST /reconfigure` with
+`{"to": "3,3,2", "strategy": "live"}` changes the layout live and answers with the report.
+
+It lives with `serve` because added stages are processes that must start on the host the pipeline runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from pipeshift.control import SwitchBudget
+from pipeshift.control.reconfigure import ReconfigFailed
+from pipeshift.errors import UserError
+from pipeshift.local.live import LivePipeline
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES: dict[str, SwitchBudget] = {"live": SwitchBudget(), "live-no-resize": SwitchBudget(resize=False)}
+
+
+def budget_for(strategy: str) -> SwitchBudget:
+    """The switch budget of a strategy name; an unknown one is a UserError listing the valid ones."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"strategy {strategy!r} is not available; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[strategy]
+
+
+def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None) -> web.Application:
+    """With `token`, every call must carry it as a bearer token (the same one the control APIs use)."""
+
+    async def change(request: web.Request) -> web.Response:
+        if token is not None and not hmac.compare_digest(
+            request.headers.get("Authorization", ""), f"Bearer {token}"
+        ):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        try:
+            body: dict[str, Any] = await request.json()
+            to = str(body["to"])
+            budget = budget_for(str(body.get("strategy", "live")))
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": 'expected a JSON body like {"to": "3,3,2"}'}, status=400)
+        except UserError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        try:
+            report = await asyncio.to_thread(pipeline.change, frontend_url, to, budget)
+        except UserError as error:
+            return web.json_response({"error": str(error)}, status=409)
+        except ReconfigFailed as failed:
+            return web.json_response({"report": failed.report.to_json(), "layout": pipeline.describe()},
+                                     status=500)
+        except Exception as error:
+            logger.exception("reconfiguration to %s", to)
+            return web.json_response({"error": f"{type(error).__name__}: {error}"}, status=500)
+        return web.json_response({"report": report.to_json(), "layout": pipeline.describe()})
+
+    async def layout(request: web.Request) -> web.Response:
+        return web.json_response({"layout": pipeline.describe(), "stages": pipeline.urls})
+
+    app = web.Application()
+    app.router.add_post("/reconfigure", change)
+    app.router.add_get("/layout", layout)
+    return app

@@ -1,0 +1,112 @@
+"""`pipeshift reconfigure` against a real `pipeshift serve` process: a 2,2 -> 1,3 change under streaming
+load completes every request with the tokens of an unchanged in-process run (float64), and mistakes are
+one-line errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import torch
+
+from pipeshift.api import Layout
+from pipeshift.runtime.frontend.served_model import ServedModel
+from pipeshift.runtime.model.checkpoint import ModelDir
+from pipeshift.runtime.pipeline import Pipeline
+
+ENV = os.environ | {"PIPESHIFT_THREADS": "1"}
+CLI = [sys.executable, "-m", "pipeshift.cli"]
+
+
+@pytest.fixture(scope="module")
+def model(model_factory: Callable[..., Path]) -> Path:
+    torch.set_num_threads(1)
+    return model_factory(layers=4, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def served(model: Path) -> Iterator[tuple[str, str]]:
+    """(frontend URL, reconfigure endpoint) of a `serve` process on the 2,2 layout."""
+    proc = subprocess.Popen([*CLI, "serve", "--model", str(model), "--layout", "2,2", "--port", "0",
+                                   "--dtype", "float64", "--kv-bytes", str(8 << 20)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        serving, endpoint = proc.stdout.readline(), proc.stdout.readline()
+        assert serving.startswith("serving ") and endpoint.startswith("reconfigure endpoint on "), (
+            serving + endpoint + proc.stderr.read())
+        yield serving.split(" on ", 1)[1].strip(), endpoint.split(" on ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
+                 seen: list[int]) -> tuple[list[int], str | None]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
+    tokens: list[int] = []
+    finish = None
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                choice = json.loads(line[len("data: "):])["choices"][0]
+                tokens += choice.get("token_ids") or []
+                seen.append(len(choice.get("token_ids") or []))
+                finish = choice.get("finish_reason") or finish
+    return tokens, finish
+
+
+def reconfigure(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "reconfigure", "--endpoint", endpoint, *args], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
+def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_token(
+    model: Path, served: tuple[str, str]
+) -> None:
+    url, endpoint = served
+    rng = random.Random(7)
+    requests = [([rng.randrange(2, 300) for _ in range(rng.randint(3, 20))], rng.randint(200, 300)) for _ in range(5)]
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], list[tuple[list[int], str | None]]]:
+        seen: list[int] = []
+        async with aiohttp.ClientSession() as session:
+            tasks = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in requests]
+            while sum(seen) < 10:
+                await asyncio.sleep(0.01)
+            done = await asyncio.to_thread(reconfigure, endpoint, "--to", "1,3", "--json")
+            return done, list(await asyncio.gather(*tasks))
+
+    done, results = asyncio.run(scenario())
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["layout"] == "1,3" and answer["report"]["outcome"] == "committed"
+    assert answer["report"]["kv_bytes_moved"] > 0
+    engine = Pipeline(ModelDir(model), Layout.parse("4"), dtype=torch.float64)
+    eos = ServedModel.load(model).config.eos_token_ids
+    for (prompt, max_tokens), (tokens, finish) in zip(requests, results, strict=True):
+        assert finish in ("stop", "length")
+        assert tokens == engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+
+
+def test_reconfigure_to_a_layout_that_does_not_fit_the_model_is_a_one_line_error(served: tuple[str, str]) -> None:
+    done = reconfigure(served[1], "--to", "2,3")
+    assert done.returncode == 2
+    assert done.stderr.startswith("pipeshift reconfigure: error:") and "2,3" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_reconfigure_without_a_server_is_a_one_line_error() -> None:
+    done = reconfigure("http://127.0.0.1:9", "--to", "2,2")
+    assert done.returncode == 2 and "no answer" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
