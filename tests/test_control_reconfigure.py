@@ -227,10 +227,10 @@ def test_a_change_under_streaming_load_loses_nothing_changes_no_token_and_recomp
         assert pool_sizes(pipeline, [s.stage_id for s in plan.old]) == old_pools
 
 
-@pytest.mark.parametrize("strategy", ["restart", "pre-copy"])
-def test_an_unknown_or_restart_strategy_is_refused_naming_the_valid_ones(strategy: str) -> None:
+@pytest.mark.parametrize("strategy", ["pre-copy", "Live"])
+def test_an_unknown_strategy_is_refused_naming_the_valid_ones(strategy: str) -> None:
     plan = plan_moves(Layout.parse("4,4"), Layout.parse("3,5"))
-    with pytest.raises(UserError, match=r"live, live-no-resize, stop-copy") as refused:
+    with pytest.raises(UserError, match=r"live, live-no-resize, stop-copy, restart") as refused:
         reconfigure("http://127.0.0.1:9", {0: "http://127.0.0.1:9", 1: "http://127.0.0.1:9"}, plan,
                     strategy=strategy)
     assert strategy in str(refused.value)

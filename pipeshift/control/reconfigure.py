@@ -3,7 +3,9 @@ APIs of the frontend and the agents, with abort back to the old layout before th
 
 Strategies: `live` pre-copies KV while serving and moves only the rest while held; `live-no-resize` does
 the same with every pool keeping its size; `stop-copy` holds first and then prepares and copies all KV
-of the moving layers at once (the baseline that live pre-copy is measured against).
+of the moving layers at once (the baseline that live pre-copy is measured against); `restart` is what is done
+without live reconfiguration: hold, stop every old stage, start every new one empty and let the frontend
+prefill each live request again (prompt and output so far), recomputing its KV instead of moving it.
 
 Stages are addressed by the stage ids of `plan.new` (`api.plan_moves`); added stages are started and
 removed ones stopped through callables, so the same code serves local processes and Kubernetes pods.
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Calls after the commit point are retried this often before the change is reported failed.
 COMMIT_ATTEMPTS = 3
-STRATEGIES = ("live", "live-no-resize", "stop-copy")
+STRATEGIES = ("live", "live-no-resize", "stop-copy", "restart")
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,7 @@ def reconfigure(
     (`report.error` says why), a failure after commit raises ReconfigFailed.
     """
     if strategy not in STRATEGIES:
-        extra = " (a restart needs the frontend to prefill again, which it cannot)" if strategy == "restart" else ""
-        raise UserError(f"unknown reconfiguration strategy {strategy!r}{extra}; valid: {', '.join(STRATEGIES)}")
+        raise UserError(f"unknown reconfiguration strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     budget = budget or SwitchBudget()
     if strategy == "live-no-resize":
         budget = dataclasses.replace(budget, resize=False)
@@ -147,6 +148,9 @@ class _Run:
             raise ValueError(f"agents has no control URL for stage ids {missing} of the old layout")
         if plan.added and start_stage is None:
             raise ValueError(f"stages {list(plan.added)} are added but no start_stage was given")
+        if strategy == "restart" and (start_stage is None or stop_stage is None):
+            raise ValueError("a restart stops every old stage and starts every new one: give both start_stage "
+                             "and stop_stage")
         self.plan = plan
         self.budget = budget
         self.token = token
@@ -166,6 +170,8 @@ class _Run:
         return f"{self.report.reconfig_id}-{what}-{uuid.uuid4().hex[:8]}"
 
     def execute(self) -> ReconfigReport:
+        if self.report.strategy == "restart":
+            return self._restart()
         try:
             self._before_commit()
             self._commit_and_resume()
@@ -214,6 +220,50 @@ class _Run:
                 f"KV of the moving layers was still dirty after {self.budget.final_rounds} rounds while held"
             )
 
+    def _restart(self) -> ReconfigReport:
+        """Hold, stop all old stages (reading their counters first), start all new ones, resume with a
+        re-prefill. Stopping the old stages is the commit point: there is nothing to go back to after it."""
+        state = self.frontend.get("/control/state")
+        self.epoch = int(state["epoch"]) + 1
+        self.report.epoch = self.epoch
+        try:
+            self._hold()
+        except Exception as error:
+            self.report.error = str(error)
+            self._abort()
+            return self.report
+        try:
+            self.clock.enter(Phase.COMMITTING)
+            for sid in sorted(self.clients):
+                try:
+                    self.report.departed_stats[sid] = self.clients[sid].get("/stats")
+                except ControlCallError as error:
+                    logger.warning("%s: stage %d left without its stats: %s", self.report.reconfig_id, sid, error)
+                assert self.stop_stage is not None
+                self.stop_stage(sid)
+            assert self.start_stage is not None
+            for stage in self.plan.new:
+                url = self.start_stage(stage)
+                self.clients[stage.stage_id] = ControlClient(url, self.token, self.budget.call_timeout_s)
+            self.clock.enter(Phase.RESUMING)
+            resume = {
+                "request_id": self._id("resume"),
+                "stages": [self.clients[sid].address for sid in self._new_ids()],
+                "epoch": self.epoch,
+                "reprefill": True,
+            }
+            self._forward(self.frontend, "/control/resume", resume)
+            self.report.resumed_unix = time.time()
+            self.held = False
+            self.report.pause_ms = self.clock.elapsed_ms() - self.held_at
+        except Exception as error:
+            self.report.error = str(error)
+            self._finish(Phase.FAILED)
+            raise ReconfigFailed(self.report) from error
+        self._finish(Phase.DONE)
+        self.report.outcome = "committed"
+        return self.report
+
     def _stop_and_copy(self) -> None:
         """Held for everything: prepare, then one copy of all KV of the moving layers. Nothing computes while
         held, so that one copy leaves nothing dirty; anything still dirty is a fault, not a reason to patch."""
@@ -235,7 +285,7 @@ class _Run:
         )
         self.live = [int(s) for s in held["sequences"]]
         self.reserve_tokens = {str(k): int(v) for k, v in held["reserve_tokens"].items()}
-        if self.report.strategy != "stop-copy":
+        if self.report.strategy not in ("stop-copy", "restart"):
             self._prepare(self.reserve_tokens)
 
     def _prepare(self, sequences: Mapping[str, int]) -> None:

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeshift.control import ReconfigReport
+from pipeshift.control import STRATEGIES, ReconfigReport
+from pipeshift.control.counters import stage_layer_tokens, tokens_recomputed
 from pipeshift.errors import UserError
 from pipeshift.local.live import LivePipeline
 from pipeshift.local.loadgen import PlannedRequest, StreamResult, percentile, poisson_requests, replay
+from pipeshift.local.policy_demo import run_policy
 from pipeshift.local.processes import start_agents
-from pipeshift.local.reconfigure_endpoint import STRATEGIES, budget_for
+from pipeshift.local.reconfigure_endpoint import check_strategy
 from pipeshift.local.serve import frontend_config, model_layout
 from pipeshift.local.trace import load_trace
 from pipeshift.runtime.frontend import BackgroundFrontend
@@ -53,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="longest output (default 48)")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="let this autoscaling policy change the layout while the load rises and falls "
+                             "(instead of --from/--to); --rate is then the peak rate")
+    parser.add_argument("--linger", type=float, default=5.0,
+                        help="with --policy: seconds the policy keeps deciding after the last request (default 5)")
 
 
 def demo_model(workdir: Path) -> Path:
@@ -93,7 +100,6 @@ async def replay_with_change(url: str, planned: list[PlannedRequest], pipeline: 
                              strategy: str) -> tuple[list[StreamResult], ReconfigReport, float, float]:
     """Replays `planned` and starts the change once `SPANNING_TARGET` requests stream at once (or, if the
     load never gets there, at the last arrival); returns results, report, switch start and end."""
-    budget = budget_for(strategy)
     tasks: list[asyncio.Task[StreamResult]] = []
     switch: dict[str, Any] = {}
     watcher: list[asyncio.Task[None]] = []
@@ -111,7 +117,7 @@ async def replay_with_change(url: str, planned: list[PlannedRequest], pipeline: 
                 break
             await asyncio.sleep(0.005)
         switch["start"] = time.perf_counter()
-        switch["report"] = await asyncio.to_thread(pipeline.change, url, to, budget)
+        switch["report"] = await asyncio.to_thread(pipeline.change, url, to, strategy)
         switch["end"] = time.perf_counter()
 
     results = await replay(url, planned, Progress("live", len(planned)), started=started)
@@ -137,6 +143,16 @@ def latency(results: list[StreamResult]) -> dict[str, float | None]:
 
     return {"ttft_p50_ms": ms(ttft, 0.5), "ttft_p95_ms": ms(ttft, 0.95),
             "tpot_p50_ms": ms(tpot, 0.5), "tpot_p95_ms": ms(tpot, 0.95)}
+
+
+def recomputed_layer_tokens(pipeline: LivePipeline, report: ReconfigReport, planned: list[PlannedRequest],
+                            results: list[StreamResult], token: str | None) -> int:
+    """The agents' own (position, layer) counters against what every request served (the reference run
+    and the live run, on the same agents) needed; stages that left were read before they stopped."""
+    counted = list(stage_layer_tokens(pipeline.urls.values(), token).values())
+    counted += [int(stats["layer_tokens_computed"]) for stats in report.departed_stats.values()]
+    served = [(len(p.prompt), len(r.tokens)) for p, r in zip(planned * 2, results, strict=True)]
+    return tokens_recomputed(counted, served, pipeline.layout.num_layers)
 
 
 def measure(args: argparse.Namespace, reference: list[StreamResult], live: list[StreamResult],
@@ -173,8 +189,10 @@ def table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     configure_threads(1)
-    budget_for(args.strategy)
+    check_strategy(args.strategy)
     model = args.model if args.model is not None else demo_model(args.workdir)
+    if args.policy is not None:
+        return run_policy(args, model)
     config = LlamaConfig.from_file(model / "config.json")
     old = model_layout(model, args.old)
     model_layout(model, args.new)
@@ -187,9 +205,11 @@ def run(args: argparse.Namespace) -> int:
             reference = asyncio.run(replay(frontend.url, planned, Progress("reference", len(planned))))
             live, report, start, end = asyncio.run(
                 replay_with_change(frontend.url, planned, pipeline, args.new, args.strategy))
+            recomputed = recomputed_layer_tokens(pipeline, report, planned, reference + live,
+                                                 frontend.frontend.config.control_token)
         finally:
             frontend.stop()
             pipeline.stop()
-    result = measure(args, reference, live, report, start, end)
+    result = measure(args, reference, live, report, start, end) | {"tokens_recomputed": recomputed}
     print(json.dumps(result) if args.json else table(result))
     return 0 if result["outcome"] == "committed" and result["requests_lost"] == 0 else 1

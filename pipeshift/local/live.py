@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from pipeshift.api import Layout, LayoutError, StagePlan, plan_moves
-from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure
+from pipeshift.control import ReconfigReport, reconfigure
 from pipeshift.errors import UserError
 from pipeshift.local.processes import STOP_TIMEOUT_S, LocalAgents, start_agents, stop_processes
 
@@ -45,7 +45,7 @@ class LivePipeline:
         else:
             stop_processes([group.process(stage_id)], STOP_TIMEOUT_S)
 
-    def change(self, frontend_url: str, to: str, budget: SwitchBudget | None = None) -> ReconfigReport:
+    def change(self, frontend_url: str, to: str, strategy: str = "live") -> ReconfigReport:
         """Reconfigure to layout `to` (layers per stage); the layout is updated only if the change commits."""
         if not self._lock.acquire(blocking=False):
             raise UserError("a reconfiguration is already running; wait for it to end")
@@ -58,7 +58,7 @@ class LivePipeline:
             if plan.is_noop:
                 raise UserError(f"--to {to!r} is the current layout {self.describe()}; nothing to change")
             report = reconfigure(frontend_url, dict(self.urls), plan, start_stage=self.start_stage,
-                                 stop_stage=self.stop_stage, budget=budget, token=self.token)
+                                 stop_stage=self.stop_stage, token=self.token, strategy=strategy)
             if report.outcome == "committed":
                 self.layout = plan.new
             logger.info("reconfiguration to %s: %s", to, report.outcome)

@@ -8,9 +8,9 @@ import argparse
 import json
 from typing import Any
 
+from pipeshift.control import STRATEGIES
 from pipeshift.errors import UserError
 from pipeshift.local.processes import http_json
-from pipeshift.local.reconfigure_endpoint import STRATEGIES
 from pipeshift.runtime.security import load_control_token
 
 HELP = "change the layout of a running `pipeshift serve` pipeline live"

@@ -13,21 +13,20 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeshift.control import SwitchBudget
+from pipeshift.control import STRATEGIES
 from pipeshift.control.reconfigure import ReconfigFailed
 from pipeshift.errors import UserError
 from pipeshift.local.live import LivePipeline
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES: dict[str, SwitchBudget] = {"live": SwitchBudget(), "live-no-resize": SwitchBudget(resize=False)}
 
 
-def budget_for(strategy: str) -> SwitchBudget:
-    """The switch budget of a strategy name; an unknown one is a UserError listing the valid ones."""
+def check_strategy(strategy: str) -> str:
+    """Checked before anything starts, so a typo costs nothing; an unknown one names the valid ones."""
     if strategy not in STRATEGIES:
         raise UserError(f"strategy {strategy!r} is not available; choose one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[strategy]
+    return strategy
 
 
 def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None) -> web.Application:
@@ -41,13 +40,13 @@ def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None
         try:
             body: dict[str, Any] = await request.json()
             to = str(body["to"])
-            budget = budget_for(str(body.get("strategy", "live")))
+            strategy = check_strategy(str(body.get("strategy", "live")))
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": 'expected a JSON body like {"to": "3,3,2"}'}, status=400)
         except UserError as error:
             return web.json_response({"error": str(error)}, status=400)
         try:
-            report = await asyncio.to_thread(pipeline.change, frontend_url, to, budget)
+            report = await asyncio.to_thread(pipeline.change, frontend_url, to, strategy)
         except UserError as error:
             return web.json_response({"error": str(error)}, status=409)
         except ReconfigFailed as failed:

@@ -175,7 +175,8 @@ class Scheduler:
             seq = self.waiting[0]
             # The first prompt of a batch may exceed the cap by the decode spans already in it: a long
             # prompt must not starve behind a slot that always has decodes.
-            if admitted and tokens + len(seq.prompt) > self.config.max_batch_tokens:
+            prefill = seq.prefill
+            if admitted and tokens + len(prefill) > self.config.max_batch_tokens:
                 break
             if not self.mirror.fits(seq.reserve_tokens):
                 break
@@ -183,15 +184,16 @@ class Scheduler:
             self.mirror.reserve(seq.reserve_tokens)
             seq.state, seq.slot = State.RUNNING, slot.index
             slot.running.append(seq)
-            spans.append(SeqSpan(seq.seq_id, 0, len(seq.prompt)))
-            inputs.extend(seq.prompt)
+            spans.append(SeqSpan(seq.seq_id, 0, len(prefill)))
+            inputs.extend(prefill)
             reserve.append(seq.reserve_tokens)
             members.append(seq)
-            tokens += len(seq.prompt)
+            tokens += len(prefill)
             admitted += 1
             self.metrics.queued.dec()
             self.metrics.running.inc()
-            self.metrics.prompt_tokens.inc(len(seq.prompt))
+            if not seq.output:
+                self.metrics.prompt_tokens.inc(len(seq.prompt))
         if not spans and not releases:
             return None
         batch_id = self._next_batch_id
@@ -238,7 +240,7 @@ class Scheduler:
         tokens = sample_batch(logits, [seq.sampler for _, seq in live])
         now = self._clock()
         for (_, seq), token in zip(live, tokens, strict=True):
-            seq.computed += len(seq.prompt) if seq.computed == 0 else 1
+            seq.computed += len(seq.prefill) if seq.computed == 0 else 1
             if seq.last_token_at is None:
                 self.metrics.ttft.observe(now - seq.arrival)
             else:
@@ -288,6 +290,25 @@ class Scheduler:
     def resume(self) -> None:
         self.down_reason = None
         self.pump()
+
+    def readmit_all(self, mirror: KVMirror) -> list[int]:
+        """The stages were replaced by fresh ones holding no KV (held, so nothing is in flight): every running
+        sequence queues again ahead of the waiting ones, to be prefilled with its prompt and output so far
+        and admitted against `mirror`, the new stages' pools. Releases not yet sent are moot: their KV went
+        with the old stages. Returns the re-queued seq ids."""
+        if self.gate is not Gate.HELD:
+            raise SwitchError(f"re-prefilling needs a completed hold; the gate is {self.gate.value}")
+        requeued = [seq for slot in self.slots for seq in slot.running]
+        for slot in self.slots:
+            slot.running.clear()
+        for seq in reversed(requeued):
+            seq.state, seq.slot, seq.computed = State.WAITING, -1, 0
+            self.waiting.appendleft(seq)
+            self.metrics.running.dec()
+            self.metrics.queued.inc()
+        self.pending_release.clear()
+        self.mirror = mirror
+        return [seq.seq_id for seq in requeued]
 
 
 def _shape_error(batch: MicroBatch, rows: int) -> str:

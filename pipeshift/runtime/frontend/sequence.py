@@ -78,6 +78,12 @@ class Sequence:
         """KV positions reserved up front: the prompt plus every token it may generate."""
         return len(self.prompt) + self.params.max_tokens
 
+    @property
+    def prefill(self) -> list[int]:
+        """What its next admission computes: the prompt, and after a restart of the stages (which lost its KV)
+        also every token generated so far, so decoding continues exactly where it stopped."""
+        return self.prompt + self.output
+
     def append(self, token: int) -> Delta:
         """Record a generated token; the Delta says what text it releases and whether the request is done."""
         self.output.append(token)

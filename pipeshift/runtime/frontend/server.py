@@ -2,7 +2,7 @@
 and the watchdogs that turn a dead or stuck stage into clear errors instead of hanging requests.
 
 `start_frontend(config)` returns a running `Frontend` (its `port` bound); `await frontend.stop()` ends it.
-`hold()` and `resume(stages, epoch)` are the switch barrier a layout change runs between.
+`hold()` and `resume(stages, epoch, reprefill)` are the switch barrier a layout change runs between.
 """
 
 from __future__ import annotations
@@ -178,24 +178,27 @@ class Frontend:
                 await asyncio.wait_for(self._held.wait(), HOLD_POLL_S)
         return sorted(s.live_sequences())
 
-    async def resume(self, stages: list[str] | None, epoch: int | None) -> None:
+    async def resume(self, stages: list[str] | None, epoch: int | None, reprefill: bool = False) -> None:
         """Serve again: on the old chain, or on `stages` (control addresses in order) at layout `epoch`.
 
         The new chain is read and wired before the gate opens; if that fails the gate stays closed
         (the stages have already switched, so serving on the old chain would be wrong) and a retry
-        may try again.
+        may try again. `reprefill`: the new stages started empty (a restart), so every live sequence is
+        admitted again with fresh reservations and prefilled with its prompt and the tokens it generated.
         """
         s = self.scheduler
+        if reprefill and stages is None:
+            raise SwitchError("reprefill needs the new chain's stages: a restart replaces every stage")
         if stages is not None:
             if s.gate is not Gate.HELD:
                 raise SwitchError(f"resume on new stages needs a completed hold; the gate is {s.gate.value}")
-            await self._rewire(stages)
+            await self._rewire(stages, reprefill)
             if epoch is not None:
                 s.epoch = epoch
         s.open()
         logger.info("serving again at epoch %d through %d stages", s.epoch, len(self.stages))
 
-    async def _rewire(self, stages: list[str]) -> None:
+    async def _rewire(self, stages: list[str], reprefill: bool) -> None:
         assert self._session is not None
         agents = [AgentClient(self._session, a, self.config.control_token) for a in stages]
         infos = list(await asyncio.gather(*(a.info() for a in agents)))
@@ -210,7 +213,14 @@ class Frontend:
         self.stage_up = [True] * len(infos)
         for i in range(len(infos)):
             self.metrics.stage_up.labels(str(i)).set(1)
-        self.scheduler.mirror = self._mirror_after_switch(infos)
+        if reprefill:
+            fresh = KVMirror(
+                [StageBudget(i.stage_id, i.num_layers, i.block_size, i.total_blocks, i.reserved_blocks) for i in infos]
+            )
+            requeued = self.scheduler.readmit_all(fresh)
+            logger.info("re-prefilling %d live sequences on the new chain", len(requeued))
+        else:
+            self.scheduler.mirror = self._mirror_after_switch(infos)
 
     def _mirror_after_switch(self, infos: list[StageInfo]) -> KVMirror:
         """New capacities from the stages; reservations at least what our own live sequences hold, so the
@@ -258,6 +268,11 @@ class Frontend:
         self.scheduler.on_result(batch)
 
     def _on_broken(self, reason: str) -> None:
+        # While held nothing is in flight, so a stage going away fails no request: a restart stops every
+        # stage then. A resume either rewires past it or its first batch breaks the pipeline for real.
+        if self.scheduler.gate is Gate.HELD:
+            logger.info("while held: %s", reason)
+            return
         if self.scheduler.down_reason is None and (self._breaking is None or self._breaking.done()):
             self._breaking = asyncio.create_task(self._break(reason))
 
@@ -295,7 +310,10 @@ class Frontend:
                 await self._recover()
 
     async def _check_health(self) -> None:
-        results = await asyncio.gather(*(a.healthy(HEALTH_TIMEOUT_S) for a in self._agents))
+        agents = self._agents
+        results = await asyncio.gather(*(a.healthy(HEALTH_TIMEOUT_S) for a in agents))
+        if agents is not self._agents:
+            return  # a switch replaced the chain meanwhile: these answers are about stages no longer in it
         for i, up in enumerate(results):
             if up != self.stage_up[i]:
                 logger.warning("stage %d at %s is %s", i, self.stages[i], "up" if up else "down")

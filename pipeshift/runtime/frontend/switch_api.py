@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from pipeshift.errors import UserError
 from pipeshift.runtime.agent.idempotency import Answer, IdempotencyCache
@@ -36,6 +36,7 @@ class ResumeBody(BaseModel):
     request_id: RequestId
     stages: Annotated[list[StrictStr], Field(min_length=1)] | None = None
     epoch: Annotated[StrictInt, Field(ge=0)] | None = None
+    reprefill: StrictBool = False
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -93,7 +94,7 @@ class SwitchRoutes:
 
     async def _resume(self, body: ResumeBody) -> Answer:
         try:
-            await self.f.resume(body.stages, body.epoch)
+            await self.f.resume(body.stages, body.epoch, body.reprefill)
         except SwitchError as e:
             return 409, {"error": str(e)}
         except (StageUnreachable, UserError, OSError, ConnectionError) as e:
