@@ -66,15 +66,15 @@ async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], ma
     return tokens, finish
 
 
-def reconfigure(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "reconfigure", "--endpoint", endpoint, *args], capture_output=True, text=True,
+def reconfigure(frontend: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "reconfigure", "--frontend", frontend, *args], capture_output=True, text=True,
                           env=ENV, timeout=300)
 
 
 def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_token(
     model: Path, served: tuple[str, str]
 ) -> None:
-    url, endpoint = served
+    url, _ = served
     rng = random.Random(7)
     requests = [([rng.randrange(2, 300) for _ in range(rng.randint(3, 20))], rng.randint(200, 300)) for _ in range(5)]
 
@@ -84,7 +84,7 @@ def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_tok
             tasks = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in requests]
             while sum(seen) < 10:
                 await asyncio.sleep(0.01)
-            done = await asyncio.to_thread(reconfigure, endpoint, "--to", "1,3", "--json")
+            done = await asyncio.to_thread(reconfigure, url, "--to", "1,3", "--json")
             return done, list(await asyncio.gather(*tasks))
 
     done, results = asyncio.run(scenario())
@@ -100,7 +100,9 @@ def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_tok
 
 
 def test_reconfigure_to_a_layout_that_does_not_fit_the_model_is_a_one_line_error(served: tuple[str, str]) -> None:
-    done = reconfigure(served[1], "--to", "2,3")
+    """Through the endpoint `serve` printed, the direct form of the command."""
+    done = subprocess.run([*CLI, "reconfigure", "--endpoint", served[1], "--to", "2,3"], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("pipeshift reconfigure: error:") and "2,3" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -1,5 +1,7 @@
-"""`pipeshift reconfigure`: change the layout of a running `pipeshift serve` pipeline by hand, through the
-reconfiguration endpoint that `serve` prints at start-up, and print the report.
+"""`pipeshift reconfigure`: change the layout of a running `pipeshift serve` pipeline by hand, and print the report.
+
+`--frontend URL` finds the reconfiguration endpoint that `serve` hosts in the frontend's `/control/state`;
+`--endpoint URL` names it directly (`serve` prints it at start-up).
 """
 
 from __future__ import annotations
@@ -19,18 +21,35 @@ CALL_TIMEOUT_S = 600.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", required=True,
-                        help="the reconfigure endpoint `pipeshift serve` printed, e.g. http://127.0.0.1:41234")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--frontend", help="the frontend's URL, e.g. http://127.0.0.1:8000")
+    where.add_argument("--endpoint", help="the reconfigure endpoint `pipeshift serve` printed, e.g. http://127.0.0.1:41234")
     parser.add_argument("--to", required=True, help="the new layers per stage, e.g. 3,3,2")
     parser.add_argument("--strategy", default="live", choices=sorted(STRATEGIES))
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
+def _http_url(address: str) -> str:
+    url = address.rstrip("/")
+    return url if url.startswith(("http://", "https://")) else f"http://{url}"
+
+
+def endpoint_of(frontend: str) -> str:
+    """The reconfiguration endpoint a `pipeshift serve` frontend advertises in its `/control/state`."""
+    try:
+        status, state = http_json(f"{_http_url(frontend)}/control/state", "GET", None, load_control_token(), 30.0)
+    except OSError as error:
+        raise UserError(f"--frontend {frontend}: no answer ({error}); is `pipeshift serve` running there?") from None
+    endpoint = state.get("endpoints", {}).get("reconfigure") if status == 200 else None
+    if endpoint is None:
+        raise UserError(f"--frontend {frontend}: HTTP {status}: {state.get('error', 'no reconfiguration endpoint')}; "
+                        "only a frontend started by `pipeshift serve` hosts one")
+    return str(endpoint)
+
+
 def request_change(endpoint: str, to: str, strategy: str = "live") -> dict[str, Any]:
     """POST the change and return `{"report": ..., "layout": ...}`; no answer or an error is a UserError."""
-    url = endpoint.rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        url = f"http://{url}"
+    url = _http_url(endpoint)
     try:
         status, answer = http_json(f"{url}/reconfigure", "POST", {"to": to, "strategy": strategy},
                                    load_control_token(), CALL_TIMEOUT_S)
@@ -60,6 +79,7 @@ def table(answer: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    answer = request_change(args.endpoint, args.to, args.strategy)
+    endpoint = args.endpoint if args.endpoint is not None else endpoint_of(args.frontend)
+    answer = request_change(endpoint, args.to, args.strategy)
     print(json.dumps(answer) if args.json else table(answer))
     return 0 if answer["report"]["outcome"] == "committed" else 1

@@ -69,6 +69,7 @@ async def serve(config: FrontendConfig, pipeline: LivePipeline, reconfigure_port
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         print(f"serving {frontend.model.name} on {frontend.url}", flush=True)
+        frontend.endpoints["reconfigure"] = f"http://127.0.0.1:{port}"
         print(f"reconfigure endpoint on http://127.0.0.1:{port}", flush=True)
         await stop.wait()
     finally:

@@ -44,6 +44,9 @@ class Frontend:
     def __init__(self, config: FrontendConfig, model: ServedModel) -> None:
         self.config = config
         self.model = model
+        # Services hosted beside this frontend (e.g. `serve`'s reconfiguration endpoint), advertised in
+        # /control/state so that tools need only the frontend's URL.
+        self.endpoints: dict[str, str] = {}
         self.metrics = FrontendMetrics()
         self.started_at = int(time.time())
         self.port = 0
@@ -143,6 +146,7 @@ class Frontend:
         s = self.scheduler
         return {
             "model": self.model.name,
+            "endpoints": dict(self.endpoints),
             "epoch": s.epoch,
             "gate": s.gate.value,
             "sequences": {str(k): v for k, v in s.live_sequences().items()},
