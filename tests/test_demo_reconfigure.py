@@ -20,7 +20,7 @@ def test_demo_changes_the_layout_live_losing_nothing_and_matching_the_reference(
     assert (result["strategy"], result["from"], result["to"], result["outcome"]) == ("live", "4,4", "3,3,2",
                                                                                    "committed")
     assert result["requests_completed"] == 16 and result["requests_lost"] == 0
-    assert result["tokens_recomputed"] == 0
+    assert result["tokens_recomputed"] == 0 and result["weights_bytes_moved"] > 0
     assert result["requests_spanning_switch"] >= 8
     assert result["outputs_match_reference"] and result["near_tie_divergences"] == 0
     assert result["precopy_rounds"] >= 1 and result["kv_bytes_moved"] >= 0

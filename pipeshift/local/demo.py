@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from pipeshift.api import Layout, plan_moves
 from pipeshift.control import STRATEGIES, ReconfigReport
 from pipeshift.control.counters import stage_layer_tokens, tokens_recomputed
 from pipeshift.errors import UserError
@@ -27,6 +30,7 @@ from pipeshift.local.processes import start_agents
 from pipeshift.local.reconfigure_endpoint import check_strategy
 from pipeshift.local.serve import frontend_config, model_layout
 from pipeshift.local.trace import load_trace
+from pipeshift.placement import ModelProfile
 from pipeshift.runtime.frontend import BackgroundFrontend
 from pipeshift.runtime.model.config import LlamaConfig
 from pipeshift.runtime.model.make_model import make_model
@@ -145,6 +149,15 @@ def latency(results: list[StreamResult]) -> dict[str, float | None]:
             "tpot_p50_ms": ms(tpot, 0.5), "tpot_p95_ms": ms(tpot, 0.95)}
 
 
+def weights_moved(model: Path, args: argparse.Namespace) -> int:
+    """Layer weights the new layout's stages loaded: the moved layers', or every layer's on a restart."""
+    profile = ModelProfile.from_path(model, dtype="float32")
+    per_layer = profile.layer_matmul_params + 2 * profile.hidden_size
+    old, new = Layout.parse(args.old), Layout.parse(args.new)
+    layers = new.num_layers if args.strategy == "restart" else len(plan_moves(old, new).moves)
+    return layers * per_layer * torch.finfo(getattr(torch, args.dtype)).bits // 8
+
+
 def recomputed_layer_tokens(pipeline: LivePipeline, report: ReconfigReport, planned: list[PlannedRequest],
                             results: list[StreamResult], token: str | None) -> int:
     """The agents' own (position, layer) counters against what every request served (the reference run
@@ -210,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             frontend.stop()
             pipeline.stop()
-    result = measure(args, reference, live, report, start, end) | {"tokens_recomputed": recomputed}
+    result = measure(args, reference, live, report, start, end) | {
+        "tokens_recomputed": recomputed, "weights_bytes_moved": weights_moved(model, args)}
     print(json.dumps(result) if args.json else table(result))
     return 0 if result["outcome"] == "committed" and result["requests_lost"] == 0 else 1
