@@ -22,14 +22,13 @@ import torch
 from pipeshift.api import Layout, plan_moves
 from pipeshift.control import STRATEGIES, ReconfigReport
 from pipeshift.control.counters import stage_layer_tokens, tokens_recomputed
-from pipeshift.errors import UserError
 from pipeshift.local.live import LivePipeline
 from pipeshift.local.loadgen import PlannedRequest, StreamResult, percentile, poisson_requests, replay
 from pipeshift.local.policy_demo import run_policy
 from pipeshift.local.processes import start_agents
 from pipeshift.local.reconfigure_endpoint import check_strategy
 from pipeshift.local.serve import frontend_config, model_layout
-from pipeshift.local.trace import load_trace
+from pipeshift.local.trace import workload
 from pipeshift.placement import ModelProfile
 from pipeshift.runtime.frontend import BackgroundFrontend
 from pipeshift.runtime.model.config import LlamaConfig
@@ -89,15 +88,6 @@ class Progress:
               f"{self.tokens} tokens", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
 
 
-def workload(args: argparse.Namespace, config: LlamaConfig) -> list[PlannedRequest]:
-    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0:
-        raise UserError("--requests, --rate and --speedup must be positive")
-    if args.trace is not None:
-        return load_trace(args.trace, requests=args.requests, vocab=config.vocab_size,
-                          context=config.max_position_embeddings, max_prompt=args.prompt_tokens,
-                          max_tokens=args.max_tokens, seed=args.seed, speedup=args.speedup)
-    return poisson_requests(args.requests, args.rate, seed=args.seed, vocab=config.vocab_size,
-                            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
 
 
 async def replay_with_change(url: str, planned: list[PlannedRequest], pipeline: LivePipeline, to: str,
@@ -209,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     config = LlamaConfig.from_file(model / "config.json")
     old = model_layout(model, args.old)
     model_layout(model, args.new)
-    planned = workload(args, config)
+    planned = workload(args, config.vocab_size, config.max_position_embeddings, poisson_requests)
     print(f"starting the {args.old} pipeline ...", file=sys.stderr)
     with start_agents(model, old, dtype=args.dtype) as agents, \
             BackgroundFrontend(frontend_config(model, agents)) as frontend:

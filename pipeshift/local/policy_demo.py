@@ -23,7 +23,7 @@ from pipeshift.local.loadgen import PlannedRequest, StreamResult, replay
 from pipeshift.local.processes import start_agents
 from pipeshift.local.reconfigure_endpoint import check_strategy
 from pipeshift.local.serve import frontend_config
-from pipeshift.local.trace import load_trace
+from pipeshift.local.trace import workload
 from pipeshift.placement.pools import make_pool
 from pipeshift.placement.profile import DTYPE_BYTES, ModelProfile
 from pipeshift.policy import Autoscaler, AutoscalingPolicy, Decision, MetricsUnavailable, Signals, load_policy
@@ -73,15 +73,6 @@ def rising_and_falling(n: int, peak_rate: float, *, seed: int, vocab: int, promp
     return planned
 
 
-def workload(args: argparse.Namespace, config: LlamaConfig) -> list[PlannedRequest]:
-    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0:
-        raise UserError("--requests, --rate and --speedup must be positive")
-    if args.trace is not None:
-        return load_trace(args.trace, requests=args.requests, vocab=config.vocab_size,
-                          context=config.max_position_embeddings, max_prompt=args.prompt_tokens,
-                          max_tokens=args.max_tokens, seed=args.seed, speedup=args.speedup)
-    return rising_and_falling(args.requests, args.rate, seed=args.seed, vocab=config.vocab_size,
-                              prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
 
 
 def initial_layout(policy: AutoscalingPolicy, num_layers: int) -> Layout:
@@ -212,7 +203,7 @@ def run_policy(args: argparse.Namespace, model: Path) -> int:
     config = LlamaConfig.from_file(model / "config.json")
     autoscaler = autoscaler_for(policy, model, args.dtype)
     start = initial_layout(policy, config.num_layers)
-    planned = workload(args, config)
+    planned = workload(args, config.vocab_size, config.max_position_embeddings, rising_and_falling)
     print(f"starting the {start.short()} pipeline under policy {policy.name} ...", file=sys.stderr)
     with start_agents(model, Layout.from_sizes(start.sizes), dtype=args.dtype) as agents, \
             BackgroundFrontend(frontend_config(model, agents)) as frontend:

@@ -4,8 +4,10 @@ as replayable requests whose lengths fit the served model.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import random
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -49,3 +51,16 @@ def load_trace(path: Path, *, requests: int, vocab: int, context: int, max_promp
         planned.append(PlannedRequest((stamp - first).total_seconds() / speedup,
                                       [rng.randrange(2, vocab) for _ in range(prompt)], out))
     return planned
+
+
+def workload(args: argparse.Namespace, vocab: int, context: int,
+             synthetic: Callable[..., list[PlannedRequest]]) -> list[PlannedRequest]:
+    """The demo's requests: replayed from `--trace` when given, else `synthetic(requests, rate, ...)`."""
+    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0:
+        raise UserError("--requests, --rate and --speedup must be positive")
+    if args.trace is not None:
+        return load_trace(args.trace, requests=args.requests, vocab=vocab, context=context,
+                          max_prompt=args.prompt_tokens, max_tokens=args.max_tokens, seed=args.seed,
+                          speedup=args.speedup)
+    return synthetic(args.requests, args.rate, seed=args.seed, vocab=vocab, prompt_tokens=args.prompt_tokens,
+                     max_tokens=args.max_tokens)
