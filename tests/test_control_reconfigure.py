@@ -254,3 +254,30 @@ def test_a_change_that_fails_before_commit_leaves_the_old_layout_serving(
     assert added not in pipeline.extra
     assert_holds_exactly(pipeline, plan.old)
     assert [pipeline.info(s.stage_id)["epoch"] for s in plan.old] == [0, 0]
+
+
+def test_a_chain_that_adds_then_removes_a_stage_under_load_loses_nothing_and_recomputes_nothing(
+    pipeline: Pipeline4x4, oracle: Callable[[list[int], int], list[int]]
+) -> None:
+    """`4,4 → 3,3,2 → 4,4` while requests stream: the second change removes the stage the first one added."""
+    first = plan_moves(Layout.parse("4,4"), Layout.parse("3,3,2"))
+    reports: list[ReconfigReport] = []
+
+    def chain() -> ReconfigReport:
+        second = plan_moves(first.new, Layout.parse("4,4"))
+        for plan in (first, second):
+            reports.append(reconfigure(pipeline.frontend.url, dict(pipeline.urls), plan,
+                                       start_stage=pipeline.start_stage, stop_stage=pipeline.stop_stage))
+            assert reports[-1].outcome == "committed", reports[-1].error
+        return reports[-1]
+
+    report, requests, results = change_under_load(pipeline, chain, seed=5)
+    second = plan_moves(first.new, Layout.parse("4,4"))
+    assert second.removed == first.added and second.added == ()
+    assert [r.epoch for r in reports] == [1, 2] and pipeline.frontend.frontend.scheduler.epoch == 2
+    assert_all_match(requests, results, oracle)
+    assert_holds_exactly(pipeline, second.new)
+    assert set(report.departed_stats) == set(first.added) and not pipeline.extra  # its process was stopped
+    assert recomputed(pipeline, report, requests, results, [s.stage_id for s in second.new]) == 0
+    state = http_json(pipeline.frontend.url + "/control/state")[1]
+    assert state["reserved_blocks"] == [0, 0] and state["gate"] == "open"
