@@ -35,30 +35,14 @@ class RequestTiming:
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> RequestTiming:
-    """One streaming completion that must generate exactly `max_tokens` tokens (EOS ignored)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    started = time.perf_counter()
-    first: float | None = None
-    tokens = 0
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"request failed with HTTP {resp.status}: {await resp.text()}")
-        async for line in resp.content:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"request failed: {chunk['error']['message']}")
-            got = len(chunk["choices"][0].get("token_ids", []))
-            if got and first is None:
-                first = time.perf_counter()
-            tokens += got
-    end = time.perf_counter()
-    if first is None or tokens != max_tokens:
-        raise RuntimeError(f"request streamed {tokens} tokens, expected {max_tokens}")
-    return RequestTiming(ttft=first - started, tpot=(end - first) / max(1, tokens - 1), e2e=end - started,
-                         tokens=tokens)
+    """One streaming completion that must generate exactly `max_tokens` tokens (EOS ignored); a failure raises,
+    since a benchmark's figures mean nothing with a request missing."""
+    result = await stream_planned(session, url, PlannedRequest(0.0, prompt, max_tokens))
+    if result.error is not None or len(result.tokens) != max_tokens:
+        raise RuntimeError(f"request failed: {result.error or f'streamed {len(result.tokens)} of {max_tokens} tokens'}")
+    first, last = result.token_times[0], result.token_times[-1]
+    return RequestTiming(ttft=first - result.sent, tpot=(last - first) / max(1, max_tokens - 1),
+                         e2e=last - result.sent, tokens=max_tokens)
 
 
 async def drive(url: str, load: Load, vocab: int, *, seed: int = 0,

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from pipeshift.api import Layout
-from pipeshift.errors import UserError
+from pipeshift.jsonfile import read_json_object
 from pipeshift.placement.estimate import MODES
 from pipeshift.placement.planner import Placement, PlacementRequest, plan
 from pipeshift.placement.pools import load_pools
@@ -47,14 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_layout(path: Path) -> Layout:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (--current takes the JSON that `pipeshift plan --json` prints)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: must hold an object with stages: [{{pool, layers: [start, end]}}, ...]")
+    data = read_json_object(path, "--current takes the JSON that `pipeshift plan --json` prints",
+                            expected="an object with stages: [{pool, layers: [start, end]}, ...]")
     return Layout.from_json(data)
 
 

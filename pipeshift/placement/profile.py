@@ -6,12 +6,12 @@ models with the same config keys get the same first-order estimate.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeshift.errors import UserError
+from pipeshift.jsonfile import read_json_object
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_DTYPE = "bfloat16"
@@ -42,14 +42,7 @@ class ModelProfile:
     def from_path(cls, path: Path, dtype: str | None = None) -> ModelProfile:
         """Read a model directory (its `config.json`) or a `config.json` file."""
         file = path / "config.json" if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{file}: not found (give a model directory or its config.json)") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{file}: must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(file, "give a model directory or its config.json")
         name = path.name if path.is_dir() else path.parent.name or file.stem
         return cls.from_config(data, name=name, source=str(file), dtype=dtype)
 

@@ -6,12 +6,12 @@ RoPE variants) is rejected here, naming the key, its value and what is supported
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeshift.errors import UserError
+from pipeshift.jsonfile import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 DEFAULT_ROPE_THETA = 10_000.0
@@ -46,18 +46,7 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> LlamaConfig:
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise UserError(f"{path}: not found (a model directory needs config.json)") from None
-        except OSError as e:
-            raise UserError(f"{path}: cannot read: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "a model directory needs config.json")
         return cls.from_dict(data, source=str(path))
 
     @classmethod
