@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "plan": "pipeshift.placement.cli",
     "demo": "pipeshift.local.demo",
     "reconfigure": "pipeshift.local.reconfigure",
+    "operator": "pipeshift.operator.main",
 }
 
 

@@ -40,22 +40,30 @@ def _unwrap(annotation: object) -> object:
             return annotation
 
 
-def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
-    """The first problem, as `source: a.b.c: what is wrong; what would be valid`.
+def problems(error: ValidationError, model: type[BaseModel]) -> list[tuple[tuple[int | str, ...], str]]:
+    """Every problem as (field path, what is wrong; what would be valid), unknown keys first.
 
-    An unknown key is reported before anything else: it is usually a misspelling of a key that is
-    then also reported missing, and naming the misspelling is what helps.
+    An unknown key comes before anything else: it is usually a misspelling of a key that is then
+    also reported missing, and naming the misspelling is what helps.
     """
-    first = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    loc = tuple(first["loc"])
+    found = []
+    for e in sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            holder = _model_at(model, loc[:-1])
+            valid = ", ".join(holder.model_fields) if holder else "see the schema"
+            found.append((loc, f"unknown key {loc[-1]!r}; valid keys here: {valid}"))
+        elif e["type"] == "missing":
+            found.append((loc, "required but missing"))
+        else:
+            value = e.get("input")
+            got = "" if isinstance(value, dict | list) else f" (got {value!r})"
+            found.append((loc, e["msg"].removeprefix("Value error, ") + got))
+    return found
+
+
+def explain(error: ValidationError, model: type[BaseModel], source: str) -> str:
+    """The first problem, as `source: a.b.c: what is wrong; what would be valid`."""
+    loc, message = problems(error, model)[0]
     where = ".".join(str(p) for p in loc) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        holder = _model_at(model, loc[:-1])
-        valid = ", ".join(holder.model_fields) if holder else "see the schema"
-        return f"{source}: {where}: unknown key {loc[-1]!r}; valid keys here: {valid}"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "missing":
-        return f"{source}: {where}: required but missing"
-    value = first.get("input")
-    got = "" if isinstance(value, dict | list) else f" (got {value!r})"
-    return f"{source}: {where}: {message}{got}"
+    return f"{source}: {where}: {message}"

@@ -1,0 +1,165 @@
+"""The kopf side: which cluster events start a reconcile pass, and the settings the operator runs with.
+
+Handlers are thin and synchronous (kopf runs them in worker threads): each fetches the pipeline
+fresh and runs the same level-triggered pass (`PipelineOperator.reconcile`), so it does not matter
+which trigger fired — a spec change, the operator starting (resume), a pod of the pipeline changing,
+or the periodic re-check. A per-pipeline lock keeps two triggers from interleaving their actions.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from pipeshift.operator import manifests as m
+from pipeshift.operator import status as st
+from pipeshift.operator.kube import Kube
+from pipeshift.operator.metrics import OperatorMetrics
+from pipeshift.operator.reconcile import NORMAL, WARNING, Create, Delete, Event, Outcome, reconcile
+from pipeshift.operator.spec import GROUP, PLURAL, POLICY_PLURAL, VERSION
+from pipeshift.operator.validation import validate_policy
+
+logger = logging.getLogger(__name__)
+
+FINALIZER = "pipeshift.dev/cleanup"
+EVENT_PREFIX = "pipeshift-"
+
+
+class PipelineOperator:
+    """The domain code bound to one API adapter, the metrics, and a lock per pipeline."""
+
+    def __init__(self, kube: Kube, metrics: OperatorMetrics) -> None:
+        self.kube, self.metrics = kube, metrics
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def post(self, body: Mapping[str, Any], event: Event) -> None:
+        kopf.event(dict(body), type=event.type, reason=event.reason, message=event.message)
+        self.metrics.events.inc(type=event.type, reason=event.reason)
+
+    def reconcile(self, namespace: str, name: str) -> Outcome | None:
+        """One pass over the pipeline as it is now; None when it is gone or being deleted."""
+        with self._lock(namespace, name):
+            try:
+                return self._reconcile(namespace, name)
+            except Exception:
+                self.metrics.reconciles.inc(outcome="error")
+                raise
+
+    def _reconcile(self, namespace: str, name: str) -> Outcome | None:
+        body = self.kube.get_pipeline(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        outcome = reconcile(body, self.kube.observe(body), now=st.utcnow())
+        for action in outcome.actions:
+            if not self.kube.apply(namespace, action):
+                continue
+            if isinstance(action, Create):
+                role = (action.manifest["metadata"].get("labels") or {}).get(m.LABEL_ROLE, "")
+                self.metrics.created.inc(kind=action.kind, role=role)
+            elif isinstance(action, Delete):
+                self.metrics.deleted.inc(kind=action.kind)
+            logger.info("%s/%s: %s %s/%s", namespace, name, type(action).__name__.lower(), action.kind, action.name)
+            if action.event is not None:
+                self.post(body, action.event)
+        previous = body.get("status") or {}
+        if any(previous.get(k) != v for k, v in outcome.status.items()):
+            self.kube.patch_status(PLURAL, namespace, name, outcome.status)
+            if previous.get("phase") != outcome.status["phase"]:
+                logger.info("%s/%s: phase %s -> %s", namespace, name, previous.get("phase"), outcome.status["phase"])
+        for event in outcome.events:
+            self.post(body, event)
+        self.metrics.reconciles.inc(outcome=outcome.result)
+        logger.debug("%s/%s: %s (%d actions)", namespace, name, outcome.result, len(outcome.actions))
+        return outcome
+
+    def delete(self, body: Mapping[str, Any]) -> None:
+        """Remove every child explicitly, so cleanup does not depend on a garbage collector."""
+        meta = body["metadata"]
+        with self._lock(meta["namespace"], meta["name"]):
+            gone = self.kube.delete_children(meta["namespace"], meta["name"])
+        for item in gone:
+            self.metrics.deleted.inc(kind=item.split("/", 1)[0])
+        if gone:
+            self.post(body, Event(NORMAL, "Deleted", "removed " + ", ".join(gone)))
+
+    def check_policy(self, body: Mapping[str, Any]) -> None:
+        """An AutoscalingPolicy's `Valid` condition, with the field path of every problem."""
+        meta = body["metadata"]
+        problems = [str(p) for p in validate_policy(body.get("spec") or {}, name=meta["name"])]
+        condition = (st.Condition(st.VALID, False, "InvalidPolicy", "; ".join(problems)) if problems
+                     else st.Condition(st.VALID, True, "Valid", "the policy passes validation"))
+        previous = body.get("status") or {}
+        old = previous.get("conditions") or []
+        generation = int(meta.get("generation") or 1)
+        news = st.changed(old, [condition], frozenset({"InvalidPolicy"}))
+        if not news and previous.get("observedGeneration") == generation:
+            return
+        conditions = st.merge_conditions(old, [condition], st.utcnow(), generation)
+        self.kube.patch_status(POLICY_PLURAL, meta["namespace"], meta["name"],
+                               {"conditions": conditions, "observedGeneration": generation})
+        if news:
+            self.post(body, Event(WARNING, "InvalidPolicy", condition.message) if problems
+                      else Event(NORMAL, "ValidPolicy", condition.message))
+
+
+def settings(posting_instance: str | None = None) -> kopf.OperatorSettings:
+    """Annotations under our own prefix, a finalizer named after us, no cluster scanning (least RBAC:
+    the operator never needs to list CRDs or namespaces), and Events that say who posted them."""
+    s = kopf.OperatorSettings()
+    s.persistence.finalizer = FINALIZER
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP,
+                                                                      key="last-handled-configuration")
+    s.scanning.disabled = True
+    s.posting.reporting_component = "pipeshift-operator"
+    s.posting.reporting_instance = posting_instance or socket.gethostname()
+    s.posting.event_name_prefix = EVENT_PREFIX
+    s.execution.max_workers = 8
+    return s
+
+
+def build_registry(op: PipelineOperator, recheck_seconds: float) -> kopf.OperatorRegistry:
+    """A registry of its own (nothing registered at import time), so tests can build several."""
+    registry = kopf.OperatorRegistry()
+    pipelines = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.resume(*pipelines, registry=registry, id="reconcile", backoff=5)
+    @kopf.on.create(*pipelines, registry=registry, id="reconcile", backoff=5)
+    @kopf.on.update(*pipelines, registry=registry, id="reconcile", backoff=5)
+    def changed(namespace: str, name: str, **_: Any) -> None:
+        op.reconcile(namespace, name)
+
+    @kopf.on.delete(*pipelines, registry=registry, id="cleanup", backoff=5)
+    def deleted(body: kopf.Body, **_: Any) -> None:
+        op.delete(body)
+
+    @kopf.timer(*pipelines, registry=registry, id="recheck", interval=recheck_seconds, backoff=5)
+    def recheck(namespace: str, name: str, **_: Any) -> None:
+        op.reconcile(namespace, name)
+
+    @kopf.on.event("", "v1", "pods", labels={m.MANAGED_BY: m.MANAGER}, registry=registry, id="pods")
+    def pod_changed(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+        pipeline = labels.get(m.LABEL_PIPELINE)
+        if pipeline:
+            op.reconcile(namespace, pipeline)
+
+    @kopf.on.event(GROUP, VERSION, POLICY_PLURAL, registry=registry, id="policies")
+    def policy_changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type != "DELETED":
+            op.check_policy(body)
+
+    return registry
