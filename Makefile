@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools e2e-tools demo test e2e lint bench clean
+.PHONY: install tools e2e-tools demo test e2e e2e-kind lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP) tools e2e-tools
 
 e2e: $(STAMP) e2e-tools
 	$(PY) -m pytest -q e2e
+
+# The pinned-pipeline scenario on kind, for machines with a Docker engine (never on CI: none there).
+e2e-kind: $(STAMP)
+	bash e2e/kind/run.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
