@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -91,12 +92,15 @@ def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_tok
     assert done.returncode == 0, done.stdout + done.stderr
     answer = json.loads(done.stdout)
     assert answer["layout"] == "1,3" and answer["report"]["outcome"] == "committed"
-    assert answer["report"]["kv_bytes_moved"] > 0
+    assert answer["report"]["kv_bytes_moved"] > 0 and answer["report"]["switch"] == "epoch"  # the default
     engine = Pipeline(ModelDir(model), Layout.parse("4"), dtype=torch.float64)
     eos = ServedModel.load(model).config.eos_token_ids
     for (prompt, max_tokens), (tokens, finish) in zip(requests, results, strict=True):
         assert finish in ("stop", "length")
         assert tokens == engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+    back = reconfigure(url, "--to", "2,2", "--switch", "drain")  # `--switch` reaches the change; back to 2,2
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert re.search(r"^switch\s+drain$", back.stdout, re.M) and re.search(r"^layout now\s+2,2$", back.stdout, re.M)
 
 
 def test_reconfigure_to_a_layout_that_does_not_fit_the_model_is_a_one_line_error(served: tuple[str, str]) -> None:

@@ -7,10 +7,19 @@ from pipeshift.control.counters import needed_layer_tokens, stage_layer_tokens, 
 from pipeshift.control.http import ControlCallError, ControlClient
 from pipeshift.control.phases import Phase, PhaseClock
 from pipeshift.control.precopy import RoundStats, precopy_done
-from pipeshift.control.reconfigure import STRATEGIES, ReconfigReport, SwitchBudget, reconfigure
+from pipeshift.control.reconfigure import (
+    STRATEGIES,
+    SWITCHES,
+    WEIGHTS,
+    ReconfigReport,
+    SwitchBudget,
+    reconfigure,
+)
 
 __all__ = [
     "STRATEGIES",
+    "SWITCHES",
+    "WEIGHTS",
     "ControlCallError",
     "ControlClient",
     "Phase",

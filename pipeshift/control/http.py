@@ -19,28 +19,35 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_TIMEOUT_S = 30.0
-# Retries only for answers that never came (refused, reset, timed out); an HTTP error is an answer.
+# Retries only for answers that never came because the connection failed (refused, reset); an HTTP error is
+# an answer, and a timeout spent the caller's budget for the call: the caller decides (abort, or retry after
+# the commit point).
 RETRY_DELAYS_S = (0.05, 0.2)
 
 
 class ControlCallError(RuntimeError):
-    """A control call failed: `status` is the HTTP status, or None when no answer came."""
+    """A control call failed: `status` is the HTTP status, or None when no answer came (`timed_out`: none
+    within the timeout); `name` says whose API it was (e.g. "stage 2"), for reports that name the culprit."""
 
-    def __init__(self, method: str, url: str, status: int | None, message: str) -> None:
+    def __init__(self, method: str, url: str, status: int | None, message: str, name: str | None = None,
+                 timed_out: bool = False) -> None:
         self.method, self.url, self.status, self.message = method, url, status, message
+        self.name, self.timed_out = name, timed_out
         answered = f"answered {status}" if status is not None else "got no answer"
-        super().__init__(f"{method} {url} {answered}: {message}")
+        super().__init__(f"{name + ': ' if name else ''}{method} {url} {answered}: {message}")
 
 
 class ControlClient:
-    """One control API at `base_url` (`http://host:port`)."""
+    """One control API at `base_url` (`http://host:port`); `name` (e.g. "stage 2") prefixes its errors."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 name: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             base_url = f"http://{base_url}"
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self.name = name
 
     @property
     def address(self) -> str:
@@ -66,17 +73,21 @@ class ControlClient:
                 request.add_header("Content-Type", "application/json")
             if self.token is not None:
                 request.add_header("Authorization", f"Bearer {self.token}")
+            limit = timeout_s or self.timeout_s
             try:
-                with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
+                with urllib.request.urlopen(request, timeout=limit) as response:
                     return _json(response.read())
             except urllib.error.HTTPError as error:
                 with error:
                     answer = _json(error.read())
-                raise ControlCallError(method, url, error.code, str(answer.get("error", answer))) from None
+                raise ControlCallError(method, url, error.code, str(answer.get("error", answer)), self.name) from None
             except (urllib.error.URLError, OSError) as error:
                 reason = getattr(error, "reason", error)
+                if isinstance(reason, TimeoutError):
+                    raise ControlCallError(method, url, None, f"timed out after {limit:g}s", self.name,
+                                           timed_out=True) from None
                 if attempt == len(RETRY_DELAYS_S):
-                    raise ControlCallError(method, url, None, str(reason)) from None
+                    raise ControlCallError(method, url, None, str(reason), self.name) from None
                 logger.warning("%s %s: %s; retrying", method, url, reason)
                 time.sleep(RETRY_DELAYS_S[attempt])
         raise AssertionError("unreachable")

@@ -1,7 +1,8 @@
 """The phases of one reconfiguration, in the only order they may run, with the time spent in each.
 
 The commit point splits them: before it any failure aborts back to the old layout; after it the change
-can only be rolled forward.
+can only be rolled forward. A drain switch goes HOLDING → FINAL_COPY → COMMITTING → RESUMING; an epoch
+switch goes ARMING (the agents) → COMMITTING (the frontend arms: its point of no return) → RETIRING.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ class Phase(enum.Enum):
     STARTING = "starting"
     PREPARING = "preparing"
     PRECOPYING = "precopying"
+    ARMING = "arming"
     HOLDING = "holding"
     FINAL_COPY = "final_copy"
     COMMITTING = "committing"
     RESUMING = "resuming"
+    RETIRING = "retiring"
     CLEANING = "cleaning"
     DONE = "done"
     ABORTED = "aborted"
@@ -31,10 +34,12 @@ _FORWARD = [
     Phase.STARTING,
     Phase.PREPARING,
     Phase.PRECOPYING,
+    Phase.ARMING,
     Phase.HOLDING,
     Phase.FINAL_COPY,
     Phase.COMMITTING,
     Phase.RESUMING,
+    Phase.RETIRING,
     Phase.CLEANING,
     Phase.DONE,
 ]

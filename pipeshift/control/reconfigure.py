@@ -1,5 +1,9 @@
-"""`reconfigure`: one layout change (prepare, pre-copy, drain switch, clean up) driven over the control
-APIs of the frontend and the agents, with abort back to the old layout before the commit point.
+"""`reconfigure`: one layout change (prepare, pre-copy, switch, clean up) driven over the control APIs of
+the frontend and the agents, with abort back to the old layout before the commit point.
+
+Switches (`SWITCHES`): `epoch` (the default, see `epoch`) hands sequences to the new layout one step at a
+time while serving never stops; `drain` holds the frontend until no micro-batch is in flight, moves the
+last deltas and commits every stage at once. `stop-copy` and `restart` always hold (that is what they are).
 
 Strategies: `live` pre-copies KV while serving and moves only the rest while held; `live-no-resize` does
 the same with every pool keeping its size; `stop-copy` holds first and then prepares and copies all KV
@@ -22,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeshift.api import ReconfigPlan, StagePlan
+from pipeshift.control.epoch import EpochSwitch
 from pipeshift.control.http import ControlCallError, ControlClient, call_all
 from pipeshift.control.phases import Phase, PhaseClock
 from pipeshift.control.precopy import RoundStats, copy_pairs, precopy_done, run_round
+from pipeshift.control.recovery import back_past_crash, forward_past_crash, guard
 from pipeshift.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -32,13 +38,35 @@ logger = logging.getLogger(__name__)
 # Calls after the commit point are retried this often before the change is reported failed.
 COMMIT_ATTEMPTS = 3
 STRATEGIES = ("live", "live-no-resize", "stop-copy", "restart")
+SWITCHES = ("epoch", "drain")
+# The protocol step each phase belongs to, named as in `PIPESHIFT_FAULT`, for the report's failure reason.
+_STEPS = {
+    Phase.STARTING: "start",
+    Phase.PREPARING: "prepare",
+    Phase.PRECOPYING: "precopy",
+    Phase.ARMING: "switch",
+    Phase.HOLDING: "switch",
+    Phase.FINAL_COPY: "switch",
+    Phase.COMMITTING: "commit",
+    Phase.RESUMING: "commit",
+    Phase.RETIRING: "commit",
+    Phase.CLEANING: "cleanup",
+}
+# Where targets take the weights of incoming layers from: their checkpoint, or the source stage (streamed).
+WEIGHTS = ("checkpoint", "source")
 
 
 @dataclass(frozen=True)
 class SwitchBudget:
     """`switch_s`: how long the final delta may take at the measured link speed (the pre-copy stop rule);
     `max_rounds`: pre-copy rounds at most; `final_rounds`: rounds at most while held (nothing computes
-    then, so one normally cleans everything); `resize`: let commits shrink pools by the freed blocks."""
+    then, so one normally cleans everything); `resize`: let commits shrink pools by the freed blocks.
+
+    Timeouts: `call_timeout_s` bounds every control call (a call that does not answer in time aborts the
+    change before its point of no return and is retried after it, see `COMMIT_ATTEMPTS`); `hold_timeout_s`
+    bounds the waits on the frontend (a drain, the old epoch's last batches), on top of the call timeout;
+    `recover_timeout_s`: how long the frontend keeps the requests of a stage that dies during the change
+    while it is started again (see `recovery`)."""
 
     switch_s: float = 0.05
     max_rounds: int = 4
@@ -46,12 +74,21 @@ class SwitchBudget:
     hold_timeout_s: float = 30.0
     call_timeout_s: float = 60.0
     resize: bool = True
+    recover_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.switch_s < 0 or self.max_rounds < 1 or self.final_rounds < 1:
             raise ValueError(f"invalid switch budget: {self}")
-        if self.hold_timeout_s <= 0 or self.call_timeout_s <= 0:
-            raise ValueError(f"switch budget timeouts must be positive: {self}")
+        if not self.recover_timeout_s >= 0:
+            raise ValueError(f"SwitchBudget.recover_timeout_s must be >= 0 seconds, got {self.recover_timeout_s}")
+        for name in ("hold_timeout_s", "call_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SwitchBudget.{name} must be a positive number of seconds, got {getattr(self, name)}")
+
+    @classmethod
+    def with_timeout(cls, seconds: float) -> SwitchBudget:
+        """The default budget with every timeout set to `seconds` (`pipeshift reconfigure --timeout`)."""
+        return cls(hold_timeout_s=seconds, call_timeout_s=seconds)
 
 
 @dataclass
@@ -76,6 +113,18 @@ class ReconfigReport:
     held_unix: float | None = None
     resumed_unix: float | None = None
     departed_stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Rolling forward past a stage that died after the commit point: the stages started again in their new
+    # range, and the live requests the frontend prefilled again because their KV died with it.
+    restarted: list[int] = field(default_factory=list)
+    requests_reprefilled: int = 0
+    # The switch used ("epoch" or "drain"); for epoch: old-epoch batches in flight when the frontend armed,
+    # E+1 batches that waited at a target's fence for KV, the longest wait, and the final-delta bytes pushed
+    # after arming (part of `kv_bytes_moved`).
+    switch: str = "drain"
+    old_batches_at_arm: int = 0
+    fence_waits: int = 0
+    fence_wait_ms_max: float = 0.0
+    kv_bytes_pushed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +142,13 @@ class ReconfigReport:
             "held_unix": self.held_unix,
             "resumed_unix": self.resumed_unix,
             "departed_stats": {str(k): v for k, v in self.departed_stats.items()},
+            "restarted": list(self.restarted),
+            "requests_reprefilled": self.requests_reprefilled,
+            "switch": self.switch,
+            "old_batches_at_arm": self.old_batches_at_arm,
+            "fence_waits": self.fence_waits,
+            "fence_wait_ms_max": self.fence_wait_ms_max,
+            "kv_bytes_pushed": self.kv_bytes_pushed,
         }
 
 
@@ -114,9 +170,17 @@ def reconfigure(
     budget: SwitchBudget | None = None,
     token: str | None = None,
     strategy: str = "live",
+    weights: str = "checkpoint",
+    before_hold: Callable[[], None] | None = None,
+    switch: str = "epoch",
 ) -> ReconfigReport:
     """Change the running pipeline from `plan.old` to `plan.new` while it serves, by `strategy` (one of
-    `STRATEGIES`; `live-no-resize` overrides `budget.resize`).
+    `STRATEGIES`; `live-no-resize` overrides `budget.resize`). `weights` (one of `WEIGHTS`): targets read
+    incoming layers from their checkpoint, or stream them from the stage that computes them now (added
+    stages start from their checkpoint either way). `before_hold()` runs just before serving is held; an
+    exception from it aborts the change (the demo waits there until enough requests stream). `switch` (one
+    of `SWITCHES`): how `live` and `live-no-resize` hand over, epoch (no pause) or drain; `before_hold()`
+    then runs just before arming.
 
     `agents` maps the old layout's stage ids to their control URLs. `start_stage(stage)` starts an
     added stage with its layers and returns its control URL; `stop_stage(stage_id)` stops one (removed
@@ -125,13 +189,28 @@ def reconfigure(
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown reconfiguration strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown weights source {weights!r}; valid: {', '.join(WEIGHTS)}")
+    if switch not in SWITCHES:
+        raise UserError(f"unknown switch {switch!r}; valid: {', '.join(SWITCHES)}")
+    if weights == "source" and strategy == "restart":
+        raise UserError("weights 'source' needs running sources, but a restart stops them before the new stages "
+                        "load; use weights 'checkpoint' with restart")
     budget = budget or SwitchBudget()
     if strategy == "live-no-resize":
         budget = dataclasses.replace(budget, resize=False)
-    return _Run(frontend_url, agents, plan, start_stage, stop_stage, budget, token, strategy).execute()
+    run = _Run(frontend_url, agents, plan, start_stage, stop_stage, budget, token, strategy)
+    run.weights, run.before_hold = weights, before_hold
+    # `switch` picks how live strategies hand over; stop-copy and restart hold by definition.
+    run.report.switch = switch if strategy in ("live", "live-no-resize") else "drain"
+    return run.execute()
 
 
-class _Run:
+class _Run(EpochSwitch):
+    # Set by `reconfigure` after construction (see its docstring).
+    weights: str = "checkpoint"
+    before_hold: Callable[[], None] | None = None
+
     def __init__(
         self,
         frontend_url: str,
@@ -156,35 +235,60 @@ class _Run:
         self.token = token
         self.start_stage = start_stage
         self.stop_stage = stop_stage
-        self.frontend = ControlClient(frontend_url, token, budget.call_timeout_s)
-        self.clients = {sid: ControlClient(url, token, budget.call_timeout_s) for sid, url in agents.items()}
+        self.frontend = ControlClient(frontend_url, token, budget.call_timeout_s, name="frontend")
+        self.clients = {sid: self._client(sid, url) for sid, url in agents.items()}
         self.report = ReconfigReport(reconfig_id=f"reconfig-{uuid.uuid4().hex[:12]}", strategy=strategy)
         self.clock = PhaseClock()
         self.started: list[int] = []
         self.held = False
+        # The hold call's request id: an abort's resume cancels it, so a hold that arrives late cannot act.
+        self.hold_id: str | None = None
         self.held_at = 0.0
         self.live: list[int] = []
         self.reserve_tokens: dict[str, int] = {}
+
+    def _client(self, sid: int, url: str) -> ControlClient:
+        return ControlClient(url, self.token, self.budget.call_timeout_s, name=f"stage {sid}")
+
+    def _why(self, error: Exception) -> str:
+        """The report's reason: the protocol step that failed (named like `PIPESHIFT_FAULT`'s phases), the
+        orchestrator's phase, and the error, which names the call, whose API it was and why it failed."""
+        return f"{_STEPS.get(self.clock.phase, self.clock.phase.value)} failed ({self.clock.phase.value}): {error}"
 
     def _id(self, what: str) -> str:
         return f"{self.report.reconfig_id}-{what}-{uuid.uuid4().hex[:8]}"
 
     def execute(self) -> ReconfigReport:
+        guard(self, self.budget.recover_timeout_s)
         if self.report.strategy == "restart":
             return self._restart()
         try:
             self._before_commit()
-            self._commit_and_resume()
+            if self.report.switch == "epoch":
+                self._commit_epoch()
+            else:
+                self._commit_and_resume()
         except Exception as error:
-            self.report.error = str(error)
+            self.report.error = self._why(error)
             if not self.clock.committed:
                 self._abort()
+            elif self._forward_past_crash():
+                self._clean_up()
             else:
                 self._finish(Phase.FAILED)
                 raise ReconfigFailed(self.report) from error
         else:
             self._clean_up()
         return self.report
+
+    def _forward_past_crash(self) -> bool:
+        """After the commit point: whether a stage of the new layout had died and the change rolled forward
+        past it (see `recovery`); a failure of that recovery is added to the report's error."""
+        try:
+            return forward_past_crash(self)
+        except Exception as error:
+            self.report.error = f"{self.report.error}; rolling forward past a stage that died: {error}"
+            return False
 
     def _before_commit(self) -> None:
         state = self.frontend.get("/control/state")
@@ -196,12 +300,8 @@ class _Run:
             assert self.start_stage is not None
             self.started.append(sid)
             url = self.start_stage(self.plan.new.stage(sid))
-            self.clients[sid] = ControlClient(url, self.token, self.budget.call_timeout_s)
-        involved = self._new_ids() + list(self.plan.removed)
-        infos = call_all(lambda sid: self.clients[sid].get("/info"), involved)
-        self.data = {sid: f"{i['data']['host']}:{i['data']['port']}" for sid, i in zip(involved, infos, strict=True)}
-        self.pairs = copy_pairs(self.plan)
-        self.targets = sorted({p.target for p in self.pairs} | set(self.plan.added))
+            self.clients[sid] = self._client(sid, url)
+        self._discover()
         if self.report.strategy == "stop-copy":
             self._stop_and_copy()
             return
@@ -210,6 +310,9 @@ class _Run:
         self.clock.enter(Phase.PRECOPYING)
         while not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds) and self.pairs:
             self._round()
+        if self.report.switch == "epoch":
+            self._arm_agents()
+            return
         self._hold()
         self.clock.enter(Phase.FINAL_COPY)
         for _ in range(self.budget.final_rounds):
@@ -219,6 +322,14 @@ class _Run:
             raise RuntimeError(
                 f"KV of the moving layers was still dirty after {self.budget.final_rounds} rounds while held"
             )
+
+    def _discover(self) -> None:
+        """The data-plane address of every stage involved, the copy pairs and the targets (read-only calls)."""
+        involved = self._new_ids() + list(self.plan.removed)
+        infos = call_all(lambda sid: self.clients[sid].get("/info"), involved)
+        self.data = {sid: f"{i['data']['host']}:{i['data']['port']}" for sid, i in zip(involved, infos, strict=True)}
+        self.pairs = copy_pairs(self.plan)
+        self.targets = sorted({p.target for p in self.pairs} | set(self.plan.added))
 
     def _restart(self) -> ReconfigReport:
         """Hold, stop all old stages (reading their counters first), start all new ones, resume with a
@@ -244,7 +355,7 @@ class _Run:
             assert self.start_stage is not None
             for stage in self.plan.new:
                 url = self.start_stage(stage)
-                self.clients[stage.stage_id] = ControlClient(url, self.token, self.budget.call_timeout_s)
+                self.clients[stage.stage_id] = self._client(stage.stage_id, url)
             self.clock.enter(Phase.RESUMING)
             resume = {
                 "request_id": self._id("resume"),
@@ -274,13 +385,16 @@ class _Run:
             raise RuntimeError(f"KV of the moving layers changed while held: {self.report.rounds[-1]}")
 
     def _hold(self) -> None:
+        if self.before_hold is not None:
+            self.before_hold()
         self.clock.enter(Phase.HOLDING)
         self.held_at = self.clock.elapsed_ms()
         self.report.held_unix = time.time()
         self.held = True
+        self.hold_id = self._id("hold")
         held = self.frontend.post(
             "/control/hold",
-            {"request_id": self._id("hold"), "timeout_s": self.budget.hold_timeout_s},
+            {"request_id": self.hold_id, "timeout_s": self.budget.hold_timeout_s},
             self.budget.hold_timeout_s + self.budget.call_timeout_s,
         )
         self.live = [int(s) for s in held["sequences"]]
@@ -303,10 +417,18 @@ class _Run:
                     "layers": [stage.start, stage.end],
                     "sequences": {str(k): int(v) for k, v in sequences.items()},
                     "resize": self.budget.resize,
+                    **self._weight_sources(sid),
                 },
             )
 
         call_all(one, self.targets)
+
+    def _weight_sources(self, sid: int) -> dict[str, Any]:
+        """With weights from the source: which stage's control API serves each layer moving to stage `sid`."""
+        if self.weights != "source":
+            return {}
+        sources = {str(m.layer): self.clients[m.src_stage].base_url for m in self.plan.moves if m.dst_stage == sid}
+        return {"weights": "source", "weight_sources": sources}
 
     def _round(self, precopy: bool = True) -> RoundStats:
         """`precopy`: a round of the pre-copy protocol (the final rounds while held included), as opposed to
@@ -347,11 +469,12 @@ class _Run:
         self.held = False
         self.report.pause_ms = self.clock.elapsed_ms() - self.held_at
 
-    def _forward(self, client: ControlClient, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _forward(self, client: ControlClient, path: str, body: Mapping[str, Any],
+                 timeout_s: float | None = None) -> dict[str, Any]:
         """After commit: the same call (same request id, so never applied twice) until it is answered."""
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                return client.post(path, body)
+                return client.post(path, body, timeout_s)
             except ControlCallError as error:
                 if attempt == COMMIT_ATTEMPTS - 1 or (error.status is not None and error.status < 500):
                     raise
@@ -383,9 +506,15 @@ class _Run:
                 )
             except ControlCallError as error:
                 problems.append(str(error))
-        if self.held:
+        recovered = False
+        try:
+            recovered = back_past_crash(self)  # an old stage that died is started again, its requests re-prefilled
+        except Exception as error:
+            problems.append(f"restarting a stage that died: {error}")
+        if self.held and not recovered:
             try:
-                self.frontend.post("/control/resume", {"request_id": self._id("resume-old")})
+                self._forward(self.frontend, "/control/resume", {"request_id": self._id("resume-old"),
+                                                                 "cancels": self.hold_id})
                 self.report.pause_ms = self.clock.elapsed_ms() - self.held_at
             except ControlCallError as error:
                 problems.append(str(error))
@@ -401,6 +530,7 @@ class _Run:
         self.report.outcome = "aborted"
 
     def _finish(self, phase: Phase) -> None:
+        guard(self, 0.0)
         self.clock.enter(phase)
         self.report.phases_ms = dict(self.clock.durations_ms)
         self.report.switch_duration_ms = self.clock.elapsed_ms()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeshift.api import Layout, LayoutError, StagePlan, plan_moves
-from pipeshift.control import ReconfigReport, reconfigure
+from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure
 from pipeshift.errors import UserError
 from pipeshift.local.processes import STOP_TIMEOUT_S, LocalAgents, start_agents, stop_processes
 
@@ -45,8 +46,12 @@ class LivePipeline:
         else:
             stop_processes([group.process(stage_id)], STOP_TIMEOUT_S)
 
-    def change(self, frontend_url: str, to: str, strategy: str = "live") -> ReconfigReport:
-        """Reconfigure to layout `to` (layers per stage); the layout is updated only if the change commits."""
+    def change(self, frontend_url: str, to: str, strategy: str = "live", *, weights: str = "checkpoint",
+               before_hold: Callable[[], None] | None = None, switch: str = "epoch",
+               timeout_s: float | None = None) -> ReconfigReport:
+        """Reconfigure to layout `to` (layers per stage); the layout is updated only if the change commits.
+        `weights`, `before_hold` and `switch` are passed to `pipeshift.control.reconfigure`; `timeout_s` (default
+        `SwitchBudget`'s) bounds each of its control calls and each wait for the old epoch or a drain."""
         if not self._lock.acquire(blocking=False):
             raise UserError("a reconfiguration is already running; wait for it to end")
         try:
@@ -58,7 +63,9 @@ class LivePipeline:
             if plan.is_noop:
                 raise UserError(f"--to {to!r} is the current layout {self.describe()}; nothing to change")
             report = reconfigure(frontend_url, dict(self.urls), plan, start_stage=self.start_stage,
-                                 stop_stage=self.stop_stage, token=self.token, strategy=strategy)
+                                 stop_stage=self.stop_stage, token=self.token, strategy=strategy,
+                                 weights=weights, before_hold=before_hold, switch=switch,
+                                 budget=None if timeout_s is None else SwitchBudget.with_timeout(timeout_s))
             if report.outcome == "committed":
                 self.layout = plan.new
             logger.info("reconfiguration to %s: %s", to, report.outcome)

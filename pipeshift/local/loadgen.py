@@ -130,8 +130,10 @@ def poisson_requests(n: int, rate: float, *, seed: int, vocab: int, prompt_token
     return planned
 
 
-async def stream_planned(session: aiohttp.ClientSession, url: str, request: PlannedRequest) -> StreamResult:
-    """One greedy streaming request; failures are results (finish None), since the demo counts losses."""
+async def stream_planned(session: aiohttp.ClientSession, url: str, request: PlannedRequest,
+                         on_token: Callable[[], None] | None = None) -> StreamResult:
+    """One greedy streaming request; failures are results (finish None), since the demo counts losses.
+    `on_token` is called as each chunk of tokens arrives (a benchmark waits for first tokens with it)."""
     body = {"prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
     sent = time.perf_counter()
@@ -152,6 +154,8 @@ async def stream_planned(session: aiohttp.ClientSession, url: str, request: Plan
                 got = choice.get("token_ids") or []
                 tokens += got
                 times += [time.perf_counter()] * len(got)
+                if got and on_token is not None:
+                    on_token()
                 finish = choice.get("finish_reason") or finish
     except aiohttp.ClientError as error:
         return StreamResult(tokens, None, sent, times, str(error))
@@ -160,12 +164,15 @@ async def stream_planned(session: aiohttp.ClientSession, url: str, request: Plan
 
 async def replay(url: str, planned: list[PlannedRequest],
                  on_done: Callable[[StreamResult], None] | None = None,
-                 started: Callable[[list[asyncio.Task[StreamResult]]], None] | None = None) -> list[StreamResult]:
-    """Send `planned` open-loop at their arrival times; `started` sees the task list as it grows."""
+                 started: Callable[[list[asyncio.Task[StreamResult]]], None] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> list[StreamResult]:
+    """Send `planned` open-loop at their arrival times; `started` sees the task list as it grows;
+    `on_token(i)` is called whenever tokens of `planned[i]` arrive (the demo watches progress with it)."""
     tasks: list[asyncio.Task[StreamResult]] = []
 
-    async def one(request: PlannedRequest) -> StreamResult:
-        result = await stream_planned(session, url, request)
+    async def one(index: int, request: PlannedRequest) -> StreamResult:
+        tick = None if on_token is None else (lambda: on_token(index))
+        result = await stream_planned(session, url, request, tick)
         if on_done is not None:
             on_done(result)
         return result
@@ -174,9 +181,9 @@ async def replay(url: str, planned: list[PlannedRequest],
         t0 = time.perf_counter()
         if started is not None:
             started(tasks)
-        for request in planned:
+        for index, request in enumerate(planned):
             delay = t0 + request.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(request)))
+            tasks.append(asyncio.create_task(one(index, request)))
         return list(await asyncio.gather(*tasks))

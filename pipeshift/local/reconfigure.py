@@ -10,9 +10,10 @@ import argparse
 import json
 from typing import Any
 
-from pipeshift.control import STRATEGIES
+from pipeshift.control import STRATEGIES, SWITCHES, WEIGHTS
 from pipeshift.errors import UserError
 from pipeshift.local.processes import http_json
+from pipeshift.local.reconfigure_endpoint import MAX_TIMEOUT_S
 from pipeshift.runtime.security import load_control_token
 
 HELP = "change the layout of a running `pipeshift serve` pipeline live"
@@ -26,7 +27,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--endpoint", help="the reconfigure endpoint `pipeshift serve` printed, e.g. http://127.0.0.1:41234")
     parser.add_argument("--to", required=True, help="the new layers per stage, e.g. 3,3,2")
     parser.add_argument("--strategy", default="live", choices=sorted(STRATEGIES))
+    parser.add_argument("--switch", default="epoch", choices=SWITCHES,
+                        help="how a live strategy hands over: epoch (no pause, default) or drain")
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="how long each control call of the change may take (default 60): one that takes longer "
+                             "aborts the change before its point of no return and is retried after it")
+    parser.add_argument("--weights", default="checkpoint", choices=WEIGHTS,
+                        help="where stages that take over layers get their weights: their checkpoint (default) or "
+                             "streamed from the stage that computes them now")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"--timeout {raw!r} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return value
 
 
 def _http_url(address: str) -> str:
@@ -47,12 +66,15 @@ def endpoint_of(frontend: str) -> str:
     return str(endpoint)
 
 
-def request_change(endpoint: str, to: str, strategy: str = "live") -> dict[str, Any]:
+def request_change(endpoint: str, to: str, strategy: str = "live", switch: str = "epoch",
+                   timeout_s: float | None = None, weights: str = "checkpoint") -> dict[str, Any]:
     """POST the change and return `{"report": ..., "layout": ...}`; no answer or an error is a UserError."""
     url = _http_url(endpoint)
     try:
-        status, answer = http_json(f"{url}/reconfigure", "POST", {"to": to, "strategy": strategy},
-                                   load_control_token(), CALL_TIMEOUT_S)
+        body: dict[str, Any] = {"to": to, "strategy": strategy, "switch": switch, "weights": weights}
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
+        status, answer = http_json(f"{url}/reconfigure", "POST", body, load_control_token(), CALL_TIMEOUT_S)
     except OSError as error:
         raise UserError(f"--endpoint {endpoint}: no answer ({error}); is `pipeshift serve` running there?") from None
     if "report" not in answer:
@@ -67,7 +89,9 @@ def table(answer: dict[str, Any]) -> str:
         ("layout now", answer["layout"]),
         ("epoch", report["epoch"]),
         ("switch duration", f"{report['switch_duration_ms']:.1f} ms"),
-        ("pause (held)", f"{report['pause_ms']:.1f} ms"),
+        ("switch", report.get("switch", "drain")),
+        ("pause (no batch started)", f"{report['pause_ms']:.3f} ms"),
+        ("longest fence wait", f"{report.get('fence_wait_ms_max', 0.0):.1f} ms"),
         ("pre-copy rounds", report["precopy_rounds"]),
         ("KV bytes moved", report["kv_bytes_moved"]),
         *((f"phase {name}", f"{ms:.1f} ms") for name, ms in report["phases_ms"].items()),
@@ -80,6 +104,6 @@ def table(answer: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     endpoint = args.endpoint if args.endpoint is not None else endpoint_of(args.frontend)
-    answer = request_change(endpoint, args.to, args.strategy)
+    answer = request_change(endpoint, args.to, args.strategy, args.switch, args.timeout, weights=args.weights)
     print(json.dumps(answer) if args.json else table(answer))
     return 0 if answer["report"]["outcome"] == "committed" else 1

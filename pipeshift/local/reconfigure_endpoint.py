@@ -1,5 +1,6 @@
 """The reconfiguration endpoint `pipeshift serve` hosts beside the frontend: `POST /reconfigure` with
-`{"to": "3,3,2", "strategy": "live"}` changes the layout live and answers with the report.
+`{"to": "3,3,2", "strategy": "live", "switch": "epoch", "weights": "checkpoint"}` changes the layout live and
+answers with the report.
 
 It lives with `serve` because added stages are processes that must start on the host the pipeline runs on.
 """
@@ -13,12 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeshift.control import STRATEGIES
+from pipeshift.control import STRATEGIES, SWITCHES, WEIGHTS
 from pipeshift.control.reconfigure import ReconfigFailed
 from pipeshift.errors import UserError
 from pipeshift.local.live import LivePipeline
 
 logger = logging.getLogger(__name__)
+# The longest per-call timeout a change may ask for (`timeout_s`); the same bound as the control APIs' own.
+MAX_TIMEOUT_S = 600.0
 
 
 
@@ -27,6 +30,29 @@ def check_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise UserError(f"strategy {strategy!r} is not available; choose one of {', '.join(STRATEGIES)}")
     return strategy
+
+
+def check_switch(switch: str) -> str:
+    """Like `check_strategy`, for how a live strategy hands over (`SWITCHES`)."""
+    if switch not in SWITCHES:
+        raise UserError(f"switch {switch!r} is not available; choose one of {', '.join(SWITCHES)}")
+    return switch
+
+
+def check_weights(weights: str) -> str:
+    """Like `check_strategy`, for where targets take incoming layers' weights from (`WEIGHTS`)."""
+    if weights not in WEIGHTS:
+        raise UserError(f"weights {weights!r} is not available; choose one of {', '.join(WEIGHTS)}")
+    return weights
+
+
+def check_timeout(raw: Any) -> float | None:
+    """The per-call timeout of the change in seconds (`timeout_s`, optional): a positive number."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_TIMEOUT_S:
+        raise UserError(f"timeout_s {raw!r} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return float(raw)
 
 
 def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None) -> web.Application:
@@ -41,12 +67,16 @@ def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None
             body: dict[str, Any] = await request.json()
             to = str(body["to"])
             strategy = check_strategy(str(body.get("strategy", "live")))
+            switch = check_switch(str(body.get("switch", "epoch")))
+            timeout_s = check_timeout(body.get("timeout_s"))
+            weights = check_weights(str(body.get("weights", "checkpoint")))
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": 'expected a JSON body like {"to": "3,3,2"}'}, status=400)
         except UserError as error:
             return web.json_response({"error": str(error)}, status=400)
         try:
-            report = await asyncio.to_thread(pipeline.change, frontend_url, to, strategy)
+            report = await asyncio.to_thread(pipeline.change, frontend_url, to, strategy, switch=switch,
+                                             timeout_s=timeout_s, weights=weights)
         except UserError as error:
             return web.json_response({"error": str(error)}, status=409)
         except ReconfigFailed as failed:

@@ -35,6 +35,8 @@ class FrontendMetrics:
         self.generated_tokens = Counter("pipeshift_generated_tokens", "Tokens generated.", registry=r)
         self.stage_up = Gauge("pipeshift_stage_up", "1 when the frontend reaches the stage, else 0.", ["stage"],
                               registry=r)
+        self.waiting_for_stages = Gauge("pipeshift_requests_waiting_for_stages",
+                                        "Requests held while the pipeline is scaled to zero.", registry=r)
 
 
 @dataclass

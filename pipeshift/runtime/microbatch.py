@@ -9,6 +9,10 @@ header's size is bounded by capping releases and new reservations per batch (`MA
 `MAX_RESERVES`) so it always fits the transport's JSON cap. Rows always match tokens: a last stage
 that returns one logits row per span says so by sending each span as its last position,
 `(seq_id, start + n - 1, 1)` (see `last_token_spans`).
+
+Every micro-batch carries exactly one layout epoch: it is the transport header's `epoch` field of both
+frames (the reader refuses a data frame whose epoch differs from its header's), so the JSON header needs
+no copy of it. During an epoch switch a stage picks the layer range and route of a batch by it.
 """
 
 from __future__ import annotations

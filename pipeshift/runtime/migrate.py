@@ -77,15 +77,29 @@ def chunk_from(header: tuple[int, int] | None, frame: Frame) -> KVChunk:
     return KVChunk(meta.seq_id, meta.layer, header[0], header[1], meta.block_indices, meta.versions, frame.tensor)
 
 
-def import_chunk(stage: Stage, chunk: KVChunk, receivable: Collection[int]) -> int:
-    """Place a chunk's blocks into `stage` (reserving for the sequence if needed); returns blocks imported."""
+def import_chunk(stage: Stage, chunk: KVChunk, receivable: Collection[int], gone: Collection[int] = ()) -> int:
+    """Place a chunk's blocks into `stage` (reserving for the sequence if needed); returns the blocks accepted.
+
+    Imports only move forward: a block is written only if it is newer than the one held, and the length
+    only grows (KV positions are written once, so a newer snapshot never contradicts an older one). A
+    chunk for a sequence in `gone` (released here since the change began) is accepted and dropped, so a
+    delta that loses the race with its sequence's release cannot bring the sequence back as a leak.
+    """
     if chunk.layer not in receivable:
         raise ValueError(
             f"layer {chunk.layer} is not one this stage receives KV for; it receives {sorted(receivable)}"
         )
+    if chunk.seq_id in gone:
+        return len(chunk.logical)
     stage.adopt(chunk.seq_id, chunk.reserve)
-    stage.cache.import_blocks(
-        chunk.seq_id, chunk.layer, list(chunk.logical), chunk.data, list(chunk.versions), chunk.length
+    cache = stage.cache
+    table, held = cache.block_table(chunk.seq_id, chunk.layer), cache.versions(chunk.seq_id, chunk.layer)
+    keep = [i for i, lb in enumerate(chunk.logical)
+            if lb >= len(table) or table[lb] < 0 or held[lb] < chunk.versions[i]]  # fmt: skip
+    length = max(chunk.length, cache.length(chunk.seq_id, chunk.layer))
+    data = chunk.data if len(keep) == len(chunk.logical) else chunk.data[keep]
+    cache.import_blocks(
+        chunk.seq_id, chunk.layer, [chunk.logical[i] for i in keep], data, [chunk.versions[i] for i in keep], length
     )
     return len(chunk.logical)
 
@@ -100,15 +114,18 @@ class DirtyTracker:
     def __init__(self) -> None:
         self._sent: dict[str, dict[tuple[int, int], dict[int, int]]] = {}
 
-    def dirty(self, stage: Stage, target: str, layers: Iterable[int]) -> dict[tuple[int, int], list[int]]:
-        """Dirty logical blocks per (sequence, layer) of live sequences; forgets released sequences."""
+    def dirty(self, stage: Stage, target: str, layers: Iterable[int],
+              only: Collection[int] | None = None) -> dict[tuple[int, int], list[int]]:
+        """Dirty logical blocks per (sequence, layer) of live sequences (of those in `only`, if given);
+        forgets released sequences."""
         cache = stage.cache
         live = set(cache.sequences())
         sent = self._sent.setdefault(target, {})
         for key in [k for k in sent if k[0] not in live]:
             del sent[key]
         out: dict[tuple[int, int], list[int]] = {}
-        for seq in sorted(live):
+        layers = list(layers)
+        for seq in sorted(live if only is None else live & set(only)):
             for layer in layers:
                 known = sent.get((seq, layer), {})
                 table = cache.block_table(seq, layer)
@@ -119,10 +136,12 @@ class DirtyTracker:
                     out[seq, layer] = blocks
         return out
 
-    def collect(self, stage: Stage, target: str, layers: Iterable[int]) -> list[KVChunk]:
-        """Copies of every dirty block, at most `MAX_FRAME_BLOCKS` per chunk."""
+    def collect(self, stage: Stage, target: str, layers: Iterable[int],
+                only: Collection[int] | None = None) -> list[KVChunk]:
+        """Copies of every dirty block (of the sequences in `only`, if given), at most `MAX_FRAME_BLOCKS`
+        per chunk."""
         chunks = []
-        for (seq, layer), blocks in self.dirty(stage, target, layers).items():
+        for (seq, layer), blocks in self.dirty(stage, target, layers, only).items():
             length = stage.cache.length(seq, layer)
             for i in range(0, len(blocks), MAX_FRAME_BLOCKS):
                 part = blocks[i : i + MAX_FRAME_BLOCKS]

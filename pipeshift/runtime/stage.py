@@ -9,7 +9,7 @@ receive KV but compute nothing) and `activate` switches to the new range at once
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ from pipeshift.runtime.model.rope import RopeTable
 
 DEFAULT_KV_BYTES = 64 * 2**20
 logger = logging.getLogger(__name__)
+# Reads checkpoint-named tensors in a dtype: `ModelDir.read`, or tensors another stage streamed here.
+TensorReader = Callable[[list[str], torch.dtype], dict[str, Tensor]]
 
 
 class Stage:
@@ -61,8 +63,11 @@ class Stage:
         # (position, layer) forward computations ever run here, counted per layer as it runs, so a batch
         # that fails half-way still counts the work it did: the honest base for measuring recomputation.
         self.layer_tokens_computed = 0
+        # Weight bytes this stage took in, by where they came from; `initial` is what the constructor loaded.
+        self.weights_bytes_loaded = self.weights_bytes_received = 0
         self.start = self.end = start
         self.load_layers(start, end)
+        self.weights_bytes_initial = self.weights_bytes_loaded
 
     @property
     def layer_range(self) -> range:
@@ -174,10 +179,10 @@ class Stage:
         self._trim_reservations()
         logger.debug("stage now holds layers [%d, %d)", self.start, self.end)
 
-    def _read(self, indices: Sequence[int], new_start: int,
-              new_end: int) -> tuple[dict[int, DecoderLayer], dict[str, Tensor]]:
-        """Layers `indices` from the checkpoint, plus the embeddings, norm and head that the range
-        `[new_start, new_end)` needs and this stage lacks (shared when the model ties them)."""
+    def _read(self, indices: Sequence[int], new_start: int, new_end: int,
+              read: TensorReader | None = None) -> tuple[dict[int, DecoderLayer], dict[str, Tensor]]:
+        """Layers `indices` from the checkpoint (or from `read`), plus the embeddings, norm and head that the
+        range `[new_start, new_end)` needs and this stage lacks (shared when the model ties them)."""
         c = self.config
         want_embed = new_start == 0 and self.embed is None
         want_head = new_end == c.num_layers and self.head is None
@@ -185,7 +190,12 @@ class Stage:
         keys = [k for i in indices for k in layer_keys(i)]
         read_embed = want_embed and not (c.tie_word_embeddings and self.head is not None)
         keys += [EMBED_KEY] * read_embed + [NORM_KEY] * want_head + [head_key(c)] * (want_head and not reuse_embed)
-        tensors = self.model.read(list(dict.fromkeys(keys)), self.dtype)
+        tensors = (read or self.model.read)(list(dict.fromkeys(keys)), self.dtype)
+        taken = sum(t.numel() * t.element_size() for t in tensors.values())
+        if read is None:
+            self.weights_bytes_loaded += taken
+        else:
+            self.weights_bytes_received += taken
         layers = {i: DecoderLayer(i, LayerWeights.from_checkpoint(i, tensors), c) for i in indices}
         extras: dict[str, Tensor] = {}
         if want_embed:
@@ -204,8 +214,9 @@ class Stage:
 
     # ---- two-phase range change (live reconfiguration) --------------------------------------------
 
-    def prepare(self, start: int, end: int) -> list[int]:
+    def prepare(self, start: int, end: int, read: TensorReader | None = None) -> list[int]:
         """Load the layers of the new range `[start, end)` that this stage lacks, inactive; returns them.
+        `read` supplies their tensors instead of the checkpoint (weights streamed from the source stage).
 
         The new range must overlap the held one (or equal it), so incoming layers border it. Forward keeps
         computing the held range; reservations of live sequences grow to cover the incoming layers.
@@ -223,7 +234,7 @@ class Stage:
             raise KVCapacityError(f"preparing layers {incoming} needs {needed} more KV blocks for "
                                   f"{len(top_up)} live sequences; {unreserved} are unreserved")
         if incoming:
-            layers, extras = self._read(incoming, start, end)
+            layers, extras = self._read(incoming, start, end, read)
             self.inactive.update(layers)
             self._pending.update(extras)
         self.inactive = dict(sorted(self.inactive.items()))
@@ -284,14 +295,39 @@ class Stage:
 
     # ---- compute ---------------------------------------------------------------------------------
 
+    def _computing(self, layer_range: tuple[int, int] | None) -> tuple[list[DecoderLayer], Tensor | None,
+                                                                       Tensor | None, Tensor | None]:
+        """Layers, embeddings, norm and head that compute `layer_range` (default: the active range).
+
+        During an epoch switch a stage computes its old range for old-epoch batches and its new range,
+        prepared layers included, for new-epoch ones; both must be loaded.
+        """
+        if layer_range is None:
+            return list(self.layers.values()), self.embed, self.norm, self.head
+        start, end = layer_range
+        chosen = [self.layers.get(i) or self.inactive.get(i) for i in range(start, end)]
+        missing = [i for i, layer in zip(range(start, end), chosen, strict=True) if layer is None]
+        if missing or not 0 <= start < end <= self.config.num_layers:
+            raise ValueError(f"cannot compute layers [{start}, {end}): layers {missing} are not loaded here")
+        embed = (self.embed if self.embed is not None else self._pending.get("embed")) if start == 0 else None
+        last = end == self.config.num_layers
+        norm = (self.norm if self.norm is not None else self._pending.get("norm")) if last else None
+        head = (self.head if self.head is not None else self._pending.get("head")) if last else None
+        if (start == 0 and embed is None) or (last and (norm is None or head is None)):
+            raise ValueError(f"cannot compute layers [{start}, {end}): the embeddings or head are not loaded")
+        return chosen, embed, norm, head  # type: ignore[return-value]
+
     @torch.inference_mode()
-    def forward(self, spans: Sequence[SeqSpan], inputs: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, spans: Sequence[SeqSpan], inputs: torch.Tensor, *, all_logits: bool = False,
+                layer_range: tuple[int, int] | None = None) -> torch.Tensor:
         """Run one micro-batch whose spans may mix prefill (n > 1) and decode (n == 1).
 
         First stage: `inputs` are token ids [T]; others: hidden states [T, hidden]. Returns hidden
         states [T, hidden], or on the last stage logits of each span's last token [len(spans), vocab]
-        (every token's, [T, vocab], with `all_logits`).
+        (every token's, [T, vocab], with `all_logits`). `layer_range`: compute that range of loaded
+        layers instead of the active one (see `_computing`).
         """
+        layers, embed, norm, head = self._computing(layer_range)
         if not spans:
             raise ValueError("a micro-batch needs at least one span")
         tokens = sum(span.n for span in spans)
@@ -303,24 +339,24 @@ class Stage:
         else:
             positions = torch.cat([torch.arange(span.start, span.end) for span in spans])
         cos, sin = self.rope.lookup(positions, max(span.end for span in spans) - 1)
-        if self.embed is not None:
+        if embed is not None:
             if inputs.dim() != 1:
                 raise ValueError(f"the first stage takes token ids [T], got shape {list(inputs.shape)}")
             vocab = self.config.vocab_size
             if not 0 <= int(inputs.min()) <= int(inputs.max()) < vocab:
                 raise ValueError(f"token ids must be in 0..{vocab - 1}, got {inputs.min()}..{inputs.max()}")
-            h = F.embedding(inputs, self.embed)
+            h = F.embedding(inputs, embed)
         else:
             if inputs.shape[1:] != (self.config.hidden_size,):
                 raise ValueError(f"stage {self.start}..{self.end} takes hidden states [T, {self.config.hidden_size}], "
                                  f"got shape {list(inputs.shape)}")
             h = inputs.to(self.dtype)
-        for layer in self.layers.values():
+        for layer in layers:
             h = layer.forward(h, cos, sin, self.cache, spans)
             self.layer_tokens_computed += tokens
-        if self.head is None:
+        if head is None:
             return h
         if not (all_logits or decode_only):
             last = torch.tensor([span.n for span in spans]).cumsum(0) - 1
             h = h[last]
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.head)
+        return F.linear(rms_norm(h, norm, self.config.rms_norm_eps), head)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from pipeshift.runtime.agent.dataplane import DataPlane
+from pipeshift.runtime.agent.epoch_api import ArmBody, FlushBody, RetireBody, arm, flush, retire
 from pipeshift.runtime.agent.idempotency import Answer, IdempotencyCache
 from pipeshift.runtime.agent.reconfig import Reconfigurer
+from pipeshift.runtime.agent.weights import parse_layers, parse_sources, serve_layers, weight_counters
 from pipeshift.runtime.agent.worker import StageWorker, StateConflict
+from pipeshift.runtime.faults import FaultInjector
 from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.security import bearer_matches
 
@@ -58,6 +61,9 @@ class PrepareBody(_Body):
     layers: LayerRange
     sequences: dict[StrictStr, Count] = Field(default_factory=dict)
     resize: StrictBool = True
+    # "source": fetch incoming layers from `weight_sources` (layer -> control URL of the stage computing it).
+    weights: Literal["checkpoint", "source"] = "checkpoint"
+    weight_sources: dict[StrictStr, StrictStr] = Field(default_factory=dict)
 
 
 class PrecopyBody(_Body):
@@ -112,21 +118,29 @@ class ControlAPI:
         self.token = token
         self.reconfig = Reconfigurer(worker, data, token)
         self.idempotent = IdempotencyCache()
+        self.faults = FaultInjector.from_env(f"stage {worker.config.stage_id}")  # PIPESHIFT_FAULT, for tests
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY_BYTES)
+        fault = self.faults.wrap  # the fault injection hook of each phase's call (PIPESHIFT_FAULT)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_get("/info", self.info)
         app.router.add_get("/stats", self.stats)
+        app.router.add_get("/reconfig/weights", self.weights)
         app.router.add_post("/route", self._changing(RouteBody, self._route))
         app.router.add_post("/layers/load", self._changing(LayersBody, self._load))
         app.router.add_post("/layers/unload", self._changing(LayersBody, self._unload))
         app.router.add_post("/pool/resize", self._changing(ResizeBody, self._resize))
-        app.router.add_post("/reconfig/prepare", self._changing(PrepareBody, self._prepare))
-        app.router.add_post("/reconfig/precopy", self._changing(PrecopyBody, self._precopy))
-        app.router.add_post("/reconfig/commit", self._changing(CommitBody, self._commit))
+        app.router.add_post("/reconfig/prepare", fault("prepare", self._changing(PrepareBody, self._prepare)))
+        app.router.add_post("/reconfig/precopy", fault("precopy", self._changing(PrecopyBody, self._precopy)))
+        app.router.add_post("/reconfig/commit", fault("commit", self._changing(CommitBody, self._commit)))
         app.router.add_post("/reconfig/abort", self._changing(AbortBody, self._abort))
+        app.router.add_post("/reconfig/arm", fault("switch", self._changing(ArmBody, lambda b: arm(self, b))))
+        # Epoch switch: arming is the switch, a source's flush (its final deltas imported) the commit, the
+        # retirement of the old epoch the clean-up.
+        app.router.add_post("/reconfig/flush", fault("commit", self._changing(FlushBody, lambda b: flush(self, b))))
+        app.router.add_post("/reconfig/retire", fault("cleanup", self._changing(RetireBody, lambda b: retire(self, b))))
         return app
 
     @web.middleware
@@ -156,6 +170,7 @@ class ControlAPI:
         info["downstream"] = self.data.downstream.address
         info["epoch"] = self.reconfig.epoch
         info["reconfig"] = self.reconfig.describe()
+        info.update(await self.reconfig.epoch_info())  # an armed epoch switch: "armed", "admission"
         return info
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -165,6 +180,7 @@ class ControlAPI:
                 **steps,
                 "loaded_layers": await self.worker.call(lambda: self.worker.stage.loaded_layers),
                 "kv_layers": await self.worker.call(self.worker.stage.kv_layers),
+                **await self.worker.call(weight_counters, self.worker.stage),
                 "frames_rejected": self.data.rejected,
                 "upstream_connections": self.data.upstreams,
                 "downstream": self.data.downstream.address,
@@ -173,6 +189,17 @@ class ControlAPI:
                 "dropped_batches": self.data.downstream.dropped,
             }
         )
+
+    async def weights(self, request: web.Request) -> web.Response:
+        """`?layers=3,4`: those layers' weights (computed here now) as safetensors bytes, for a target stage
+        that streams its incoming layers from this one (`weights: "source"` in its prepare)."""
+        try:
+            payload = await serve_layers(self.worker, parse_layers(request.query.get("layers")))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except StateConflict as exc:
+            return _error(409, str(exc))
+        return web.Response(body=payload, content_type="application/octet-stream")
 
     def _changing(
         self, model: type[_Body], act: Callable[[Any], Awaitable[Answer]]
@@ -222,8 +249,9 @@ class ControlAPI:
         return 200, await self._info()
 
     async def _prepare(self, body: PrepareBody) -> Answer:
+        sources = parse_sources(body.weight_sources) if body.weights == "source" else None
         answer = await self.reconfig.prepare(
-            body.reconfig_id, body.epoch, _range(body.layers), _seq_ids(body.sequences), body.resize
+            body.reconfig_id, body.epoch, _range(body.layers), _seq_ids(body.sequences), body.resize, sources
         )
         return 200, answer
 

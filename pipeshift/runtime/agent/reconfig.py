@@ -14,8 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeshift.errors import UserError
 from pipeshift.runtime.agent.dataplane import DataPlane
 from pipeshift.runtime.agent.downstream import parse_address
+from pipeshift.runtime.agent.epoch import EpochSwitching, resize_for
+from pipeshift.runtime.agent.pusher import KVPusher
+from pipeshift.runtime.agent.weights import source_reader
 from pipeshift.runtime.agent.worker import StageWorker, StateConflict
 from pipeshift.runtime.kv import KVCapacityError
 from pipeshift.runtime.migrate import (
@@ -26,7 +30,7 @@ from pipeshift.runtime.migrate import (
     frame_bytes,
     import_chunk,
 )
-from pipeshift.runtime.stage import Stage
+from pipeshift.runtime.stage import Stage, TensorReader
 from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLimits, Kind, PeerClosed
 
 logger = logging.getLogger(__name__)
@@ -44,10 +48,14 @@ class _Change:
     layers: tuple[int, int] | None = None
     grown_blocks: int = 0
     blocks_per_layer: float = 0.0
+    resize: bool = True
+    # Layers KV may be imported into: the prepared ones (and, on a stage that never served, all it holds).
+    receivable: frozenset[int] = frozenset()
 
 
-class Reconfigurer:
-    """One agent's reconfiguration state; `epoch` is the layout epoch the stage serves."""
+class Reconfigurer(EpochSwitching):
+    """One agent's reconfiguration state; `epoch` is the layout epoch the stage serves. The drain switch
+    commits here; the epoch switch arms, flushes and retires (see `epoch`)."""
 
     def __init__(self, worker: StageWorker, data: DataPlane, token: str | None) -> None:
         self.worker = worker
@@ -58,6 +66,7 @@ class Reconfigurer:
         self._done: dict[str, str] = {}  # reconfig id -> "committed" | "aborted"
         self._tracker = DirtyTracker()
         self._lock = asyncio.Lock()
+        self._pushers: dict[str, KVPusher] = {}
         data.kv_import = self._import
 
     def describe(self) -> dict[str, Any] | None:
@@ -67,8 +76,11 @@ class Reconfigurer:
     # ---- prepare ---------------------------------------------------------------------------------
 
     async def prepare(
-        self, reconfig_id: str, epoch: int, layers: tuple[int, int], sequences: Mapping[int, int], resize: bool
+        self, reconfig_id: str, epoch: int, layers: tuple[int, int], sequences: Mapping[int, int], resize: bool,
+        weight_sources: Mapping[int, str] | None = None,
     ) -> dict[str, Any]:
+        """`weight_sources` (layer → control URL of the stage computing it): stream the incoming layers' weights
+        from there instead of reading the checkpoint."""
         async with self._lock:
             self._check_open(reconfig_id)
             if epoch <= self.epoch:
@@ -82,25 +94,30 @@ class Reconfigurer:
             fresh = c is None or c.phase != "prepared"
             stage = self.worker.stage
             per_layer = stage.cache.total_blocks / max(1, stage.end - stage.start)
-            loaded, grown = await self.worker.call(self._prepare_on_worker, layers, sequences, resize)
+            read = None if weight_sources is None else await source_reader(
+                self.worker, layers, weight_sources, self.token)  # fmt: skip
+            loaded, grown = await self.worker.call(self._prepare_on_worker, layers, sequences, resize, read)
             if fresh:
                 self.change = _Change(reconfig_id, "prepared", epoch, layers, grown, per_layer)
             else:
                 assert c is not None
                 c.grown_blocks += grown
+            assert self.change is not None
+            self.change.resize = resize
+            self.change.receivable = await self.worker.call(self._receivable)
             logger.info("stage %d: prepared %s for epoch %d (layers %s)", self.worker.config.stage_id,
                         reconfig_id, epoch, layers)  # fmt: skip
             return {"loaded": loaded, "kv": self.worker.info()["kv"], "grown_blocks": grown}
 
     def _prepare_on_worker(
-        self, layers: tuple[int, int], sequences: Mapping[int, int], resize: bool
+        self, layers: tuple[int, int], sequences: Mapping[int, int], resize: bool, read: TensorReader | None = None
     ) -> tuple[list[int], int]:
         stage = self.worker.stage
         self.worker.check_range(*layers)
         before = stage.cache.total_blocks
         try:
             self._fit(lambda: _prepare_need(stage, layers, sequences), resize)
-            loaded = stage.prepare(*layers)
+            loaded = stage.prepare(*layers, read=read)
             for seq, tokens in sequences.items():
                 stage.adopt(seq, tokens)
         except KVCapacityError as exc:
@@ -108,8 +125,20 @@ class Reconfigurer:
             raise StateConflict(f"{exc} (resize was {'on' if resize else 'off'})") from None
         except ValueError as exc:
             raise StateConflict(str(exc)) from None
+        except UserError as exc:  # the checkpoint lacks or garbles an incoming layer's tensors: say which
+            raise StateConflict(f"cannot load layers [{layers[0]}, {layers[1]}): {exc}") from None
         self.worker.refresh_gauges()
         return loaded, stage.cache.total_blocks - before
+
+    def _receivable(self) -> frozenset[int]:
+        """On the worker, after prepare: the layers KV may arrive for; releases are tracked from now on."""
+        if self.worker.gone is None:
+            self.worker.gone = set()
+        stage = self.worker.stage
+        return frozenset(stage.inactive) | (frozenset(stage.layers) if self.worker.stats.batches == 0 else frozenset())
+
+    def _new_change(self, reconfig_id: str) -> _Change:
+        return _Change(reconfig_id, "armed")
 
     def _fit(self, need: Callable[[], int], resize: bool) -> None:
         """Grow the pool so `need()` more blocks can be reserved, when resizing is allowed."""
@@ -175,16 +204,17 @@ class Reconfigurer:
 
     def _import(self, chunk: KVChunk) -> int:
         """Worker side of a migration connection: only a prepared stage receives, into layers it will add
-        (or any of its layers while it has never served: a stage that joins the pipeline)."""
+        (or any of its layers if it had never served when prepared: a stage that joins the pipeline), also
+        once armed, when final deltas arrive while it already serves the new epoch."""
         c = self.change
-        if c is None or c.phase != "prepared":
+        if c is None or not c.receivable:
             raise StateConflict("this stage is not prepared for a reconfiguration; call /reconfig/prepare first")
         stage = self.worker.stage
-        receivable = set(stage.inactive)
-        if self.worker.stats.batches == 0:
-            receivable |= set(stage.layers)
+        gone = self.worker.gone or set()
+        if chunk.seq_id not in gone and chunk.seq_id not in stage.sequences():
+            self._fit(lambda: stage.blocks_for(chunk.reserve), c.resize)
         try:
-            return import_chunk(stage, chunk, receivable)
+            return import_chunk(stage, chunk, c.receivable, gone)
         finally:
             self.worker.refresh_gauges()
 
@@ -238,13 +268,9 @@ class Reconfigurer:
             if seq not in live:
                 stage.release(seq)
         stage.activate(*layers)
+        self.worker.gone = None
         if resize:
-            cache = stage.cache
-            want = max(cache.reserved_blocks, math.ceil(per_layer * (stage.end - stage.start)))
-            if want > cache.total_blocks:
-                cache.grow(want - cache.total_blocks)
-            elif want < cache.total_blocks:
-                cache.shrink(cache.total_blocks - want)
+            resize_for(stage, per_layer)
         self.worker.refresh_gauges()
 
     async def abort(self, reconfig_id: str) -> list[int]:
@@ -258,6 +284,7 @@ class Reconfigurer:
                 raise StateConflict(f"reconfiguration {c.reconfig_id!r} is in progress, not {reconfig_id!r}")
             if c is None:
                 return []
+            await self._disarm()
             dropped = await self.worker.call(self._abort_on_worker, c.grown_blocks)
             self.change = None
             self._done[reconfig_id] = "aborted"
@@ -267,6 +294,7 @@ class Reconfigurer:
 
     def _abort_on_worker(self, grown: int) -> list[int]:
         stage = self.worker.stage
+        self.worker.gone = None
         dropped = stage.discard_prepared()
         cache = stage.cache
         spare = cache.total_blocks - cache.reserved_blocks

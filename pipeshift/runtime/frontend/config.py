@@ -18,7 +18,8 @@ API_KEY_ENV = "PIPESHIFT_API_KEY"
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    """`stages` are the agents' control addresses (`host:port`) in pipeline order."""
+    """`stages` are the agents' control addresses (`host:port`) in pipeline order; none: start scaled to zero,
+    holding requests until `POST /control/recover` attaches a chain (see `zero`)."""
 
     model_dir: Path
     stages: tuple[str, ...]
@@ -31,13 +32,17 @@ class FrontendConfig:
     step_timeout_s: float = 30.0
     health_interval_s: float = 2.0
     default_max_tokens: int = 16
+    # Seconds requests wait for a stage that died to be replaced (`POST /control/recover`) before they fail;
+    # 0: they fail at once. See `recovery`.
+    recover_timeout_s: float = 0.0
+    # Seconds a request waits for stages while the pipeline is scaled to zero before it ends with 503.
+    zero_wait_timeout_s: float = 60.0
     api_key: str | None = field(default=None, repr=False)
     control_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.stages:
-            raise ValueError("FrontendConfig.stages is empty; give the control address of every stage")
         checks = {
+            "zero_wait_timeout_s": self.zero_wait_timeout_s,
             "max_batch_tokens": self.max_batch_tokens,
             "default_max_tokens": self.default_max_tokens,
             "step_timeout_s": self.step_timeout_s,
@@ -50,6 +55,8 @@ class FrontendConfig:
             raise ValueError(f"FrontendConfig.slots must be at least 1, got {self.slots}")
         if self.max_queue < 0:
             raise ValueError(f"FrontendConfig.max_queue must be >= 0, got {self.max_queue}")
+        if not self.recover_timeout_s >= 0:
+            raise ValueError(f"FrontendConfig.recover_timeout_s must be >= 0, got {self.recover_timeout_s}")
 
     @property
     def micro_batch_slots(self) -> int:

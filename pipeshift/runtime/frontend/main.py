@@ -27,7 +27,8 @@ _FLAGS: tuple[tuple[str, type, object, str], ...] = (
         "--stages",
         str,
         None,
-        "the agents' control addresses in pipeline order, e.g. 127.0.0.1:9001,127.0.0.1:9002",
+        "the agents' control addresses in pipeline order, e.g. 127.0.0.1:9001,127.0.0.1:9002; "
+        "empty: start scaled to zero (requests wait for POST /control/recover)",
     ),
     ("--host", str, "127.0.0.1", "address to bind"),
     ("--port", int, 8000, "HTTP port (0 picks a free one)"),
@@ -37,6 +38,8 @@ _FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("--max-queue", int, 256, "requests that may wait for KV blocks before new ones get HTTP 429"),
     ("--step-timeout", float, 30.0, "seconds a micro-batch may take through the pipeline"),
     ("--default-max-tokens", int, 16, "max_tokens when a request gives none"),
+    ("--recover-timeout", float, 0.0, "seconds requests wait for a stage that died to be replaced (0: they fail)"),
+    ("--zero-wait-timeout", float, 60.0, "seconds requests wait for stages while scaled to zero (then HTTP 503)"),
 )
 
 
@@ -62,7 +65,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
             values[dest] = default if raw is None else kind(raw)
         except ValueError:
             raise UserError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
-    if values["model"] is None or not values["stages"]:
+    if values["model"] is None or values["stages"] is None:
         missing = "--model" if values["model"] is None else "--stages"
         raise UserError(f"{missing} is required (or set {env_name(missing)})")
     stages = tuple(s.strip() for s in str(values.pop("stages")).split(",") if s.strip())
@@ -71,6 +74,8 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
             model_dir=values.pop("model"),
             stages=stages,
             step_timeout_s=values.pop("step_timeout"),  # type: ignore[arg-type]
+            recover_timeout_s=values.pop("recover_timeout"),  # type: ignore[arg-type]
+            zero_wait_timeout_s=values.pop("zero_wait_timeout"),  # type: ignore[arg-type]
             **values,  # type: ignore[arg-type]
         ).with_secrets_from(env)
     except ValueError as e:

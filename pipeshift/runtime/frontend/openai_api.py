@@ -115,7 +115,7 @@ class _Api:
 
     async def health(self, request: web.Request) -> web.Response:
         body = self.f.health()
-        return web.json_response(body, status=200 if body["status"] == "ok" else 503)
+        return web.json_response(body, status=200 if body["status"] in ("ok", "zero") else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -211,10 +211,12 @@ class _Api:
             return error_response(429, f"{e}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
         except Unavailable as e:
             self.f.metrics.requests.labels("rejected").inc()
-            return error_response(503, str(e))
+            return error_response(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
         try:
             if body.stream:
-                return await _stream(request, seq, fmt, body.include_usage())
+                # At zero a stream opens only once stages serve it, so a request that times out waiting
+                # gets a real 503 with Retry-After instead of an error event in a 200 stream.
+                return await _stream(request, seq, fmt, body.include_usage(), wait_first=self.f.at_zero)
             return await _collect(seq, fmt)
         finally:
             self.f.scheduler.cancel(seq)
@@ -225,22 +227,32 @@ async def _collect(seq: Sequence, fmt: ResponseFormat) -> web.Response:
     while True:
         event = await seq.events.get()
         if isinstance(event, Failure):
-            return error_response(event.status, event.message)
+            return _failure_response(event)
         deltas.append(event)
         if event.finish_reason is not None:
             return web.json_response(fmt.whole(deltas, seq.usage()))
 
 
+def _failure_response(event: Failure) -> web.Response:
+    headers = {"Retry-After": str(event.retry_after)} if event.retry_after is not None else None
+    return error_response(event.status, event.message, headers=headers)
+
+
 async def _stream(
-    request: web.Request, seq: Sequence, fmt: ResponseFormat, include_usage: bool
+    request: web.Request, seq: Sequence, fmt: ResponseFormat, include_usage: bool, wait_first: bool = False
 ) -> web.StreamResponse:
+    pending: Delta | Failure | None = None
+    if wait_first:
+        pending = await seq.events.get()
+        if isinstance(pending, Failure):
+            return _failure_response(pending)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     first = fmt.opening()
     if first is not None:
         await _event(response, first)
     while True:
-        event = await seq.events.get()
+        event, pending = (pending, None) if pending is not None else (await seq.events.get(), None)
         if isinstance(event, Failure):
             await _event(
                 response,

@@ -7,8 +7,11 @@ token sampled from the previous one. Admission (`reserve`) and frees (`release`)
 batches so every stage applies them in the same order as the computation. The scheduler does no I/O:
 it hands finished batches to `send` and is fed returned ones through `on_result`, all on one event loop.
 
-For a layout switch the gate closes (`hold`): no new micro-batch starts, in-flight ones finish and the
-pending releases still go out, so the stages hold exactly the live sequences when the gate reports HELD.
+Two ways to switch layouts. Drain: the gate closes (`hold`): no new micro-batch starts, in-flight ones
+finish and the pending releases still go out, so the stages hold exactly the live sequences when the gate
+reports HELD. Epoch: `arm` makes every batch built from then on carry the next layout epoch (each sequence
+moves at its next step) while batches of the old epoch finish on the old chain; `old_in_flight` counts
+them down to the epoch's retirement. Nothing ever stops starting batches.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeshift.runtime.frontend.admission import KVMirror
+from pipeshift.runtime.frontend.admission import KVMirror, StageBudget
 from pipeshift.runtime.frontend.sampling import sample_batch
 from pipeshift.runtime.frontend.sequence import Failure, Sequence, State
 from pipeshift.runtime.kv.span import SeqSpan
@@ -72,10 +75,17 @@ class Slot:
 
 @dataclass
 class InFlight:
+    """`released`: the sequences this batch frees on the stages. `recount`: a mirror rebuilt while the batch
+    was in flight counted them as still held (the frontend cannot know which stages applied the releases
+    yet), so they are freed in the mirror again when the batch returns."""
+
     batch_id: int
     slot: Slot
     seqs: list[Sequence]
     sent_at: float
+    epoch: int = 0
+    released: list[Sequence] = field(default_factory=list)
+    recount: bool = False
 
 
 class Scheduler:
@@ -103,6 +113,14 @@ class Scheduler:
         self.gate = Gate.OPEN
         # Called once when a hold has drained: nothing in flight, every pending release delivered.
         self.on_held: Callable[[], None] | None = None
+        # Called when a returned batch leaves no batch of an epoch older than `epoch` in flight.
+        self.on_retired: Callable[[], None] | None = None
+        # While stages are read for a mirror rebuild: every sequence held or admitted since (see `watch`).
+        self._watched: set[int] | None = None
+        # Why the chain is broken while a replacement of a lost stage is awaited (see `suspend`), else None.
+        self.suspended: str | None = None
+        # KV positions of sequences re-queued by `suspend` since the last `recover` read it: the work redone.
+        self.lost_tokens = 0
         self._next_batch_id = 0
 
     @property
@@ -138,7 +156,7 @@ class Scheduler:
 
     def pump(self) -> None:
         """Send a batch on every idle slot that has something to do (while held: releases only)."""
-        if self.down_reason is not None or self.gate is Gate.HELD:
+        if self.down_reason is not None or self.suspended is not None or self.gate is Gate.HELD:
             return
         for slot in self.slots:
             if slot.in_flight is None:
@@ -161,6 +179,46 @@ class Scheduler:
         self.gate = Gate.OPEN
         self.pump()
 
+    def arm(self, epoch: int, mirror: KVMirror) -> None:
+        """Every batch built from now on carries `epoch` (the caller has pointed `send` at its chain) and is
+        admitted against `mirror`; batches of older epochs still in flight finish where they are."""
+        if epoch <= self.epoch:
+            raise SwitchError(f"cannot arm epoch {epoch}: epoch {self.epoch} is already served")
+        self.epoch = epoch
+        self.mirror = mirror
+        self.pump()
+
+    def old_in_flight(self) -> int:
+        """Batches in flight that carry an epoch older than the one being built: the old epoch is retired
+        when this reaches 0."""
+        return sum(1 for record in self.in_flight.values() if record.epoch < self.epoch)
+
+    def holding(self) -> list[Sequence]:
+        """Sequences the stages hold or will hold KV for: running, waiting for their release to be sent, or
+        released by a batch still in flight."""
+        sent = [seq for record in self.in_flight.values() for seq in record.released]
+        return [*(seq for slot in self.slots for seq in slot.running), *self.pending_release, *sent]
+
+    def watch(self) -> None:
+        """Call before reading the stages for `rebuild_mirror`: sequences held now or admitted until the
+        rebuild are ours even if they finish meanwhile (a stage may still report them)."""
+        self._watched = {seq.seq_id for seq in self.holding()}
+
+    def rebuild_mirror(self, budgets: list[StageBudget], reservations: list[dict[int, int]]) -> None:
+        """Admission against new stages (a switch): each budget's reservations are what our sequences need
+        there plus what the stage reports for sequences that were never ours while it was read (it held them
+        from before, e.g. adopted for a change and since finished), which stay counted until the next
+        rebuild. In-flight releases count as held until their batch returns (see `InFlight.recount`)."""
+        holding = self.holding()
+        known = {seq.seq_id for seq in holding} | (self._watched or set())
+        self._watched = None
+        for budget, held in zip(budgets, reservations, strict=True):
+            foreign = sum(blocks for seq, blocks in held.items() if seq not in known)
+            budget.reserved_blocks = foreign + sum(budget.blocks_for(seq.reserve_tokens) for seq in holding)
+        for record in self.in_flight.values():
+            record.recount = bool(record.released)
+        self.mirror = KVMirror(budgets)
+
     def _build(self, slot: Slot) -> MicroBatch | None:
         computing = self.gate is Gate.OPEN
         running = slot.running if computing else []
@@ -168,11 +226,14 @@ class Scheduler:
         inputs = [s.output[-1] for s in running]
         reserve = [0] * len(spans)
         members = list(running)
-        releases = self._take_releases()
+        released = self._take_releases()
+        releases = [seq.seq_id for seq in released]
         share = math.ceil((self.running + len(self.waiting)) / len(self.slots))
         tokens, admitted = len(inputs), 0
         while computing and self.waiting and len(slot.running) < share and admitted < MAX_RESERVES:
             seq = self.waiting[0]
+            if any(held is seq for held in self.pending_release):
+                break  # re-prefilled after `suspend`: its old blocks must be freed by an earlier batch first
             # The first prompt of a batch may exceed the cap by the decode spans already in it: a long
             # prompt must not starve behind a slot that always has decodes.
             prefill = seq.prefill
@@ -182,6 +243,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.mirror.reserve(seq.reserve_tokens)
+            if self._watched is not None:
+                self._watched.add(seq.seq_id)
             seq.state, seq.slot = State.RUNNING, slot.index
             slot.running.append(seq)
             spans.append(SeqSpan(seq.seq_id, 0, len(prefill)))
@@ -199,7 +262,7 @@ class Scheduler:
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         slot.in_flight = batch_id
-        self.in_flight[batch_id] = InFlight(batch_id, slot, members, self._clock())
+        self.in_flight[batch_id] = InFlight(batch_id, slot, members, self._clock(), self.epoch, released)
         return MicroBatch(
             batch_id=batch_id,
             epoch=self.epoch,
@@ -209,14 +272,15 @@ class Scheduler:
             data=torch.tensor(inputs, dtype=torch.int64),
         )
 
-    def _take_releases(self) -> list[int]:
-        """Seq ids to free in the batch being built; the mirror frees them now because every stage applies
-        a batch's releases before its reservations."""
+    def _take_releases(self) -> list[Sequence]:
+        """Sequences to free in the batch being built; the mirror frees them now because every stage applies
+        a batch's releases before its reservations (stages that let a batch overtake one waiting at a fence
+        carry the waiting one's releases along, see the agent's data plane)."""
         taken = self.pending_release[:MAX_RELEASES]
         del self.pending_release[:MAX_RELEASES]
         for seq in taken:
             self.mirror.release(seq.reserve_tokens)
-        return [seq.seq_id for seq in taken]
+        return taken
 
     def on_result(self, batch: MicroBatch) -> None:
         """Logits (or a stage's error) for a batch sent earlier; batches failed by a timeout are ignored."""
@@ -225,6 +289,9 @@ class Scheduler:
             logger.warning("ignoring returned batch %d: not in flight (failed or timed out)", batch.batch_id)
             return
         record.slot.in_flight = None
+        if record.recount:
+            for seq in record.released:
+                self.mirror.release(seq.reserve_tokens)
         live = [(row, seq) for row, seq in enumerate(record.seqs) if seq.state is State.RUNNING]
         error = batch.error or _shape_error(batch, len(record.seqs))
         if error:
@@ -233,6 +300,8 @@ class Scheduler:
         elif live:
             self._advance(batch, live)
         self.pump()
+        if record.epoch < self.epoch and self.on_retired is not None and not self.old_in_flight():
+            self.on_retired()
 
     def _advance(self, batch: MicroBatch, live: list[tuple[int, Sequence]]) -> None:
         rows = torch.tensor([row for row, _ in live])
@@ -261,8 +330,8 @@ class Scheduler:
         self.metrics.running.dec()
         self.pending_release.append(seq)
 
-    def _fail(self, seq: Sequence, message: str, status: int) -> None:
-        seq.events.put_nowait(Failure(message, status))
+    def _fail(self, seq: Sequence, message: str, status: int, retry_after: int | None = None) -> None:
+        seq.events.put_nowait(Failure(message, status, retry_after))
         self.metrics.requests.labels("error").inc()
         if seq.state is State.WAITING:
             self.metrics.queued.dec()
@@ -275,6 +344,15 @@ class Scheduler:
         limit = self._clock() - self.config.step_timeout_s
         return [b for b, rec in self.in_flight.items() if rec.sent_at < limit]
 
+    def fail_waiting(self, arrived_before: float, message: str, status: int, retry_after: int | None) -> int:
+        """End the waiting requests that arrived before `arrived_before` (their wait for stages is over).
+        Returns how many ended."""
+        old = [seq for seq in self.waiting if seq.arrival < arrived_before]
+        for seq in old:
+            self.waiting.remove(seq)
+            self._fail(seq, message, status, retry_after)
+        return len(old)
+
     def fail_all(self, reason: str, status: int = 503) -> None:
         """The pipeline broke (timeout, lost connection, dead stage): end every request with `reason` and
         accept no new ones until `resume`. Their blocks are released once batches flow again."""
@@ -286,9 +364,40 @@ class Scheduler:
                 self._fail(seq, reason, status)
         while self.waiting:
             self._fail(self.waiting.popleft(), reason, status)
+        if self.on_retired is not None:
+            self.on_retired()  # no batch of any epoch is in flight any more
 
     def resume(self) -> None:
         self.down_reason = None
+        self.pump()
+
+    def suspend(self, reason: str) -> int:
+        """The chain lost a stage, and with it the KV of every live sequence, but the stage is being replaced
+        (see the frontend's `recovery`): no batch in flight will return; every running sequence queues again
+        ahead of the waiting ones, to be prefilled with its prompt and output so far, after its blocks (and
+        those of releases lost in flight) are freed on the surviving stages. New requests queue meanwhile;
+        nothing is sent until `unsuspend`. Returns how many sequences will be prefilled again."""
+        self.suspended = self.suspended or reason
+        lost = [seq for record in self.in_flight.values() for seq in record.released]
+        self.in_flight.clear()
+        requeued = [seq for slot in self.slots for seq in slot.running]
+        for slot in self.slots:
+            slot.running.clear()
+            slot.in_flight = None
+        self.lost_tokens += sum(seq.computed for seq in requeued)
+        for seq in reversed(requeued):
+            seq.state, seq.slot, seq.computed = State.WAITING, -1, 0
+            self.waiting.appendleft(seq)
+            self.metrics.running.dec()
+            self.metrics.queued.inc()
+        self.pending_release = [*lost, *requeued, *self.pending_release]
+        if self.on_retired is not None:
+            self.on_retired()  # no batch of any epoch is in flight any more
+        return len(requeued)
+
+    def unsuspend(self) -> None:
+        """Serve again (the caller rewired the chain and rebuilt the mirror, which counts the pending releases)."""
+        self.suspended = None
         self.pump()
 
     def readmit_all(self, mirror: KVMirror) -> list[int]:

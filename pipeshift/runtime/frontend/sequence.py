@@ -40,6 +40,8 @@ class Failure:
 
     message: str
     status: int
+    # Seconds the client should wait before retrying (the Retry-After header), when retrying makes sense.
+    retry_after: int | None = None
 
 
 Event = Delta | Failure

@@ -2,7 +2,8 @@
 and the watchdogs that turn a dead or stuck stage into clear errors instead of hanging requests.
 
 `start_frontend(config)` returns a running `Frontend` (its `port` bound); `await frontend.stop()` ends it.
-`hold()` and `resume(stages, epoch, reprefill)` are the switch barrier a layout change runs between.
+`hold()` and `resume(stages, epoch, reprefill)` are the drain switch a layout change may run between;
+`arm(stages, epoch)`, `retired(epoch)` and `settle()` (see `epoch_switch`) the drain-free epoch switch.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from aiohttp import web
 from pipeshift.errors import UserError
 from pipeshift.runtime.frontend.admission import KVMirror, StageBudget
 from pipeshift.runtime.frontend.config import FrontendConfig
+from pipeshift.runtime.frontend.epoch_switch import EpochSwitching, budgets
 from pipeshift.runtime.frontend.openai_api import build_app
+from pipeshift.runtime.frontend.recovery import StageRecovery
 from pipeshift.runtime.frontend.scheduler import Gate, Scheduler, SchedulerConfig, SwitchError
 from pipeshift.runtime.frontend.served_model import ServedModel
 from pipeshift.runtime.frontend.stages import AgentClient, DataPlane, StageInfo, StageUnreachable
+from pipeshift.runtime.frontend.zero import ZERO_REASON, ZeroStages
 from pipeshift.runtime.metrics import FrontendMetrics
 from pipeshift.runtime.microbatch import MicroBatch
 
@@ -38,7 +42,7 @@ RECOVERY_POLL_S = 0.5
 HOLD_POLL_S = 0.05
 
 
-class Frontend:
+class Frontend(EpochSwitching, StageRecovery, ZeroStages):
     """A running frontend. Everything runs on the event loop that called `start_frontend`."""
 
     def __init__(self, config: FrontendConfig, model: ServedModel) -> None:
@@ -65,6 +69,9 @@ class Frontend:
         self._tasks: list[asyncio.Task[None]] = []
         self._breaking: asyncio.Task[None] | None = None
         self._held = asyncio.Event()
+        self._epoch_state_init()
+        self._recovery_init()
+        self._zero_init()
 
     def next_seq_id(self) -> int:
         return next(self._seq_ids)
@@ -76,16 +83,20 @@ class Frontend:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
         self._agents = [AgentClient(self._session, a, self.config.control_token) for a in self.config.stages]
-        self.infos = await asyncio.gather(*(a.info() for a in self._agents))
-        self._check_stages()
+        self.infos = list(await asyncio.gather(*(a.info() for a in self._agents)))
+        if self.infos:
+            self._check_stages()
         self.stage_up = [True] * len(self.infos)
         for i in range(len(self.infos)):
             self.metrics.stage_up.labels(str(i)).set(1)
+        # At zero the mirror is a placeholder admitting anything: nothing is sent until stages attach, and
+        # attaching rebuilds it from them.
         mirror = KVMirror(
             [
                 StageBudget(i.stage_id, i.num_layers, i.block_size, i.total_blocks, i.reserved_blocks)
                 for i in self.infos
             ]
+            or [StageBudget(0, 0, 1, 0)]
         )
         sched_config = SchedulerConfig(
             slots=self.config.micro_batch_slots,
@@ -93,7 +104,30 @@ class Frontend:
             max_queue=self.config.max_queue,
             step_timeout_s=self.config.step_timeout_s,
         )
-        last = self.infos[-1]
+        self.scheduler = Scheduler(
+            sched_config, mirror, self._send, self.metrics, epoch=self.infos[0].epoch if self.infos else 0
+        )
+        self.scheduler.on_held = self._held.set
+        self.scheduler.on_retired = self._retired.set
+        if self.infos:
+            await self._start_data_plane(self.infos[-1])
+            await self._wire()
+        else:
+            self.scheduler.suspended = ZERO_REASON
+        self._runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._tasks = [
+            asyncio.create_task(self._watch_timeouts()),
+            asyncio.create_task(self._poll_health()),
+            asyncio.create_task(self._expire_zero_waits()),
+        ]
+        logger.info("frontend serving %s on %s through %d stages", self.model.name, self.url, len(self.infos))
+
+    async def _start_data_plane(self, last: StageInfo) -> None:
+        """The return server sized for the last stage's logits (at zero: once stages first attach)."""
         # Rows of returned logits: every running sequence of a slot plus the prompts admitted with them.
         max_rows = 2 * self.config.max_batch_tokens
         self._data = DataPlane(
@@ -105,19 +139,11 @@ class Frontend:
             on_result=self._on_result,
             on_broken=self._on_broken,
         )
-        self.scheduler = Scheduler(
-            sched_config, mirror, self._data.send, self.metrics, epoch=self.infos[0].epoch
-        )
-        self.scheduler.on_held = self._held.set
         await self._data.start()
-        await self._wire()
-        self._runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self._tasks = [asyncio.create_task(self._watch_timeouts()), asyncio.create_task(self._poll_health())]
-        logger.info("frontend serving %s on %s through %d stages", self.model.name, self.url, len(self.infos))
+
+    def _send(self, batch: MicroBatch) -> None:
+        assert self._data is not None, "a batch was built with no stages attached"
+        self._data.send(batch)
 
     async def stop(self) -> None:
         for task in [*self._tasks, *([self._breaking] if self._breaking else [])]:
@@ -135,7 +161,10 @@ class Frontend:
             {"stage": i, "address": a, "up": up}
             for i, (a, up) in enumerate(zip(self.stages, self.stage_up, strict=True))
         ]
-        down = self.scheduler.down_reason
+        if self.at_zero:
+            # Holding requests for stages to come back is what a frontend at zero is for: it stays Ready.
+            return {"status": "zero", "stages": [], "waiting": len(self.scheduler.waiting)}
+        down = self.scheduler.down_reason or self.scheduler.suspended
         status = "ok" if down is None and all(self.stage_up) else "degraded"
         body: dict[str, Any] = {"status": status, "stages": stages}
         if down is not None:
@@ -148,6 +177,7 @@ class Frontend:
             "model": self.model.name,
             "endpoints": dict(self.endpoints),
             "epoch": s.epoch,
+            "old_epoch_in_flight": s.old_in_flight(),
             "gate": s.gate.value,
             "sequences": {str(k): v for k, v in s.live_sequences().items()},
             "return_address": self._data.return_address if self._data is not None else None,
@@ -156,6 +186,7 @@ class Frontend:
             "waiting": len(s.waiting),
             "in_flight": sorted(s.in_flight),
             "down": s.down_reason,
+            "suspended": s.suspended,
             "reserved_blocks": s.mirror.reserved_blocks,
             "stages": self.health()["stages"],
         }
@@ -205,15 +236,22 @@ class Frontend:
     async def _rewire(self, stages: list[str], reprefill: bool) -> None:
         assert self._session is not None
         agents = [AgentClient(self._session, a, self.config.control_token) for a in stages]
+        self.scheduler.watch()
         infos = list(await asyncio.gather(*(a.info() for a in agents)))
         old = (self.stages, self._agents, self.infos)
+        from_zero = self.at_zero
         self.stages, self._agents, self.infos = list(stages), agents, infos
         try:
             self._check_stages()
+            if self._data is None:
+                await self._start_data_plane(infos[-1])
             await self._wire()
         except BaseException:
             self.stages, self._agents, self.infos = old
             raise
+        if from_zero:
+            self.scheduler.epoch = infos[0].epoch  # fresh stages serve their own epoch
+            self._left_zero()
         self.stage_up = [True] * len(infos)
         for i in range(len(infos)):
             self.metrics.stage_up.labels(str(i)).set(1)
@@ -224,20 +262,7 @@ class Frontend:
             requeued = self.scheduler.readmit_all(fresh)
             logger.info("re-prefilling %d live sequences on the new chain", len(requeued))
         else:
-            self.scheduler.mirror = self._mirror_after_switch(infos)
-
-    def _mirror_after_switch(self, infos: list[StageInfo]) -> KVMirror:
-        """New capacities from the stages; reservations at least what our own live sequences hold, so the
-        releases to come never drive a stage's count below zero."""
-        s = self.scheduler
-        holding = [seq.reserve_tokens for slot in s.slots for seq in slot.running]
-        holding += [seq.reserve_tokens for seq in s.pending_release]
-        budgets = []
-        for i in infos:
-            budget = StageBudget(i.stage_id, i.num_layers, i.block_size, i.total_blocks)
-            budget.reserved_blocks = max(i.reserved_blocks, sum(budget.blocks_for(t) for t in holding))
-            budgets.append(budget)
-        return KVMirror(budgets)
+            self.scheduler.rebuild_mirror(budgets(infos), [i.reservations for i in infos])
 
     def _check_stages(self) -> None:
         """The stages must hold the model's layers in order, with its vocabulary; else they are mis-wired."""
@@ -274,8 +299,10 @@ class Frontend:
     def _on_broken(self, reason: str) -> None:
         # While held nothing is in flight, so a stage going away fails no request: a restart stops every
         # stage then. A resume either rewires past it or its first batch breaks the pipeline for real.
-        if self.scheduler.gate is Gate.HELD:
-            logger.info("while held: %s", reason)
+        if self.scheduler.gate is Gate.HELD or self.at_zero:
+            logger.info("while %s: %s", "at zero" if self.at_zero else "held", reason)
+            return
+        if self.suspend_for_recovery(reason):
             return
         if self.scheduler.down_reason is None and (self._breaking is None or self._breaking.done()):
             self._breaking = asyncio.create_task(self._break(reason))

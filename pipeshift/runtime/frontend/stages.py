@@ -11,7 +11,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -30,7 +30,13 @@ class StageUnreachable(RuntimeError):
 
 @dataclass(frozen=True)
 class StageInfo:
-    """What `GET /info` tells the frontend about one stage."""
+    """What `GET /info` tells the frontend about one stage.
+
+    `admission_layers`/`admission_blocks`: what admission must count with while an epoch switch is armed on
+    the stage (it reserves for the union of its old and new layers, and its pool will shrink to at least
+    `admission_blocks` when the old epoch retires); otherwise its layer count and pool size.
+    `reservations`: blocks the stage reserves per sequence, to spot sequences the frontend does not know.
+    """
 
     stage_id: int
     start: int
@@ -44,11 +50,16 @@ class StageInfo:
     data_host: str
     data_port: int
     epoch: int
+    admission_layers: int = 0
+    admission_blocks: int = 0
+    reservations: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> StageInfo:
+    def from_json(cls, body: dict[str, Any], armed: bool = False) -> StageInfo:
+        """`armed`: describe the stage as it serves the armed epoch (its `armed.layers`)."""
         kv, data = body["kv"], body["data"]
-        start, end = body["layers"]
+        start, end = body["armed"]["layers"] if armed else body["layers"]
+        admission = body.get("admission") or {"layers": int(end) - int(start), "blocks": kv["total_blocks"]}
         return cls(
             stage_id=int(body["stage_id"]),
             start=int(start),
@@ -62,6 +73,9 @@ class StageInfo:
             data_host=str(data["host"]),
             data_port=int(data["port"]),
             epoch=int(body.get("epoch", 0)),
+            admission_layers=int(admission["layers"]),
+            admission_blocks=int(admission["blocks"]),
+            reservations={int(k): int(v) for k, v in kv.get("reservations", {}).items()},
         )
 
     @property
@@ -85,10 +99,12 @@ class AgentClient:
         self._session = session
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def info(self, timeout_s: float = 10.0) -> StageInfo:
+    async def info(self, timeout_s: float = 10.0, armed: bool = False) -> StageInfo:
         body = await self._call("GET", "/info", None, timeout_s)
+        if armed and not body.get("armed"):
+            raise StageUnreachable(f"stage at {self.address} is not armed for an epoch switch (POST /reconfig/arm)")
         try:
-            return StageInfo.from_json(body)
+            return StageInfo.from_json(body, armed)
         except (KeyError, TypeError, ValueError) as e:
             raise StageUnreachable(f"stage at {self.address}: /info answered without a valid {e}") from None
 
@@ -126,6 +142,13 @@ class AgentClient:
             raise StageUnreachable(f"{method} {url} failed: {e!r}") from None
 
 
+@dataclass(frozen=True)
+class _Redial:
+    """Queued among the batches: from here on, send to `client`."""
+
+    client: FrameClient
+
+
 class DataPlane:
     """The connection to stage 0, the return server, and the ordered writer between the scheduler and them."""
 
@@ -147,9 +170,10 @@ class DataPlane:
         limits = data_limits(width=vocab_size, dtypes=[dtype], max_tokens=max_rows, max_seqs=max_rows)
         self._server = FrameServer(self._on_frame, limits, token=token, host=host, port=0)
         self._readers: dict[Peer, MicroBatchReader] = {}
-        self._outbox: asyncio.Queue[MicroBatch] = asyncio.Queue()
+        self._outbox: asyncio.Queue[MicroBatch | _Redial] = asyncio.Queue()
         self._client: FrameClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._server.start()
@@ -164,10 +188,20 @@ class DataPlane:
         while not self._outbox.empty():
             self._outbox.get_nowait()
         self._client = await FrameClient.connect(host, port, role="frontend", stage_id=0, token=self._token)
-        self._tasks = [
-            asyncio.create_task(self._write(self._client)),
-            asyncio.create_task(self._watch(self._client)),
-        ]
+        self._writer = asyncio.create_task(self._write())
+        self._watcher = asyncio.create_task(self._watch(self._client))
+
+    async def redial(self, host: str, port: int) -> None:
+        """Dial a new first stage now; batches queued from the next `send` on go to it, those queued before
+        still go to the current one (an epoch switch whose first stage changes)."""
+        client = await FrameClient.connect(host, port, role="frontend", stage_id=0, token=self._token)
+        self._outbox.put_nowait(_Redial(client))
+
+    async def disconnect(self) -> None:
+        """Let go of stage 0 (the chain is gone: scaled to zero); `connect` dials the next one."""
+        await self._disconnect()
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
 
     def send(self, batch: MicroBatch) -> None:
         self._outbox.put_nowait(batch)
@@ -177,25 +211,41 @@ class DataPlane:
         await self._server.close()
 
     async def _disconnect(self) -> None:
-        for task in self._tasks:
+        tasks = [t for t in (self._writer, self._watcher) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._writer = self._watcher = None
         if self._client is not None:
             with contextlib.suppress(OSError):
                 await self._client.close()
             self._client = None
 
-    async def _write(self, client: FrameClient) -> None:
+    async def _write(self) -> None:
         while True:
             batch = await self._outbox.get()
+            if isinstance(batch, _Redial):
+                await self._swap(batch.client)
+                continue
+            assert self._client is not None
             try:
-                await send_microbatch(client, batch)
+                await send_microbatch(self._client, batch)
             except (OSError, ConnectionError) as e:
                 self._on_broken(
                     f"lost the data connection to stage 0 while sending micro-batch {batch.batch_id}: {e!r}"
                 )
                 return
+
+    async def _swap(self, client: FrameClient) -> None:
+        """Everything queued before went to the old first stage: stop watching it, then use `client`."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        old, self._client = self._client, client
+        self._watcher = asyncio.create_task(self._watch(client))
+        if old is not None:
+            with contextlib.suppress(OSError):
+                await old.close()
 
     async def _watch(self, client: FrameClient) -> None:
         """Stage 0 never sends on this connection; anything arriving, or its end, means it is gone."""
