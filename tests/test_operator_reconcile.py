@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeshift.api import StagePlan
 from pipeshift.operator import manifests as m
 from pipeshift.operator import status as st
 from pipeshift.operator.reconcile import (
@@ -29,6 +30,11 @@ from pipeshift.operator.reconcile import (
     reconcile,
     spec_problems,
 )
+from pipeshift.operator.spec import PipelineRef, parse_spec
+
+
+def PipelineRefFor(body: dict[str, Any]) -> PipelineRef:
+    return PipelineRef.from_body(body)
 
 ROOT = Path(__file__).parent.parent
 PINNED = yaml.safe_load((ROOT / "examples" / "llmpipeline-pinned.yaml").read_text())
@@ -243,13 +249,17 @@ def test_a_stage_that_exits_is_degraded_replaced_and_the_frontend_repointed() ->
 
 
 def test_a_changed_layout_replaces_the_pods_that_differ_and_is_pending_not_degraded() -> None:
+    """Before the pipeline ever served there is nothing to move live: the pods that differ are replaced."""
     world = World(body_of())
-    serve(world)
+    world.step()
+    world.run_pod("tiny-stage-0", "127.0.1.1")
+    world.run_pod("tiny-stage-1", "127.0.2.1")
     spec = world.body["spec"]
     spec["layout"] = {"stages": [{"pool": "a100", "layers": [0, 1]}, {"pool": "a100", "layers": [1, 3]},
                                  {"pool": "l40s", "layers": [3, 4]}]}
     world.body["metadata"]["generation"] = 2
     out = world.step()
+    assert out.change is None
     assert sorted(kinds(out)) == [("Create", "Pod", "tiny-stage-2"), ("Delete", "Pod", "tiny-stage-0"),
                                   ("Delete", "Pod", "tiny-stage-1")]
     assert out.status["phase"] == "Pending" and out.status["observedGeneration"] == 2
@@ -265,13 +275,66 @@ def test_a_changed_layout_replaces_the_pods_that_differ_and_is_pending_not_degra
     assert out.status["phase"] == "Pending"
 
 
-def test_a_stage_removed_from_the_layout_is_deleted() -> None:
+def test_a_changed_layout_of_a_serving_pipeline_is_a_live_change_that_deletes_nothing() -> None:
     world = World(body_of())
     serve(world)
     world.body["spec"]["layout"] = {"stages": [{"pool": "a100", "layers": [0, 4]}]}
     world.body["metadata"]["generation"] = 2
     out = world.step()
-    assert ("Delete", "Pod", "tiny-stage-1") in kinds(out)
+    assert out.actions == [] and out.status["phase"] == "Ready"
+    assert out.change is not None and out.change.running is None
+    assert out.change.current.short() == "2,2" and out.change.desired.short() == "4"
+    assert out.status["layoutSummary"] == "a100:0-2,l40s:2-4"  # the old layout serves on
+
+
+def test_while_a_change_runs_its_new_pods_are_kept_and_the_frontend_is_not_restarted() -> None:
+    world = World(body_of())
+    serve(world)
+    world.body["spec"]["layout"] = {"stages": [{"pool": "a100", "layers": [0, 1]}, {"pool": "a100", "layers": [1, 2]},
+                                               {"pool": "l40s", "layers": [2, 4]}]}
+    world.body["metadata"]["generation"] = 2
+    world.body["status"]["reconfiguration"] = {
+        "id": "tiny-1", "phase": "precopying",
+        "from": {"stages": [{"stageId": 0, "pool": "a100", "layers": [0, 2]},
+                            {"stageId": 1, "pool": "l40s", "layers": [2, 4]}]},
+        "to": {"stages": [{"stageId": 0, "pool": "a100", "layers": [0, 1]},
+                          {"stageId": 2, "pool": "a100", "layers": [1, 2]},
+                          {"stageId": 1, "pool": "l40s", "layers": [2, 4]}]}}
+    pod = m.stage_pod(PipelineRefFor(world.body), parse_spec(world.body["spec"]),
+                      StagePlan(2, "a100", 1, 2), parse_spec(world.body["spec"]).pool("a100"))
+    world.objects[("Pod", "tiny-stage-2")] = pod
+    world.run_pod("tiny-stage-2", "127.0.1.2")
+    out = world.step()
+    assert out.actions == []
+    assert out.status["phase"] == "Reconfiguring" and out.change is not None and out.change.running is not None
+    reconfiguring = condition(out, "Reconfiguring")
+    assert (reconfiguring["status"], reconfiguring["reason"]) == ("True", "Precopying")
+    assert out.status["reconfiguration"]["id"] == "tiny-1"
+
+
+def test_after_a_live_change_moved_layers_the_pods_are_kept_and_the_frontend_rewired_not_restarted() -> None:
+    """A stage pod keeps the range it was created with in its env while a live change moved it; the frontend
+    Deployment's annotation says the running frontend was re-wired, so its template is left alone."""
+    world = World(body_of())
+    serve(world)
+    world.body["spec"]["layout"] = {"stages": [{"pool": "a100", "layers": [0, 3]}, {"pool": "l40s", "layers": [3, 4]}]}
+    world.body["metadata"]["generation"] = 2
+    world.body["status"]["layout"] = {"stages": [
+        {"stageId": 0, "pool": "a100", "layers": [0, 3], "pod": "tiny-stage-0", "podIP": "127.0.1.1"},
+        {"stageId": 1, "pool": "l40s", "layers": [3, 4], "pod": "tiny-stage-1", "podIP": "127.0.2.1"}]}
+    dep = world.objects[("Deployment", "tiny-frontend")]
+    stages = ",".join(["127.0.1.1:9000", "127.0.2.1:9000"])
+    template = next(e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+                    if e["name"] == "PIPESHIFT_FRONTEND_STAGES")
+    assert template == stages
+    world.extra = {"deployment_template_stages": tuple(stages.split(",")), "deployment_stages": stages}
+    out = world.step()
+    assert out.actions == [] and out.change is None
+    assert out.status["phase"] == "Ready" and out.status["layoutSummary"] == "a100:0-3,l40s:3-4"
+    # Without the annotation (say, a stage pod was replaced) the template is updated as before.
+    world.extra = {"deployment_template_stages": tuple(stages.split(",")), "deployment_stages": "elsewhere:9000"}
+    out = world.step()
+    assert out.change is None and all(a.kind != "Pod" for a in out.actions)
 
 
 def test_an_invalid_spec_fails_with_the_field_path_and_creates_nothing() -> None:
@@ -333,7 +396,7 @@ def test_an_invalid_spec_message_changing_is_news_but_a_repeat_is_not() -> None:
     assert "l40s-48gb" in event.message
 
 
-def test_without_a_pinned_layout_it_says_autoscaling_arrives_later_and_does_nothing() -> None:
+def test_without_a_layout_to_start_from_it_says_so_and_does_nothing() -> None:
     spec = copy.deepcopy(PINNED["spec"])
     del spec["layout"]
     spec["policy"] = "latency-slo"

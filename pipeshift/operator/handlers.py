@@ -8,6 +8,7 @@ or the periodic re-check. A per-pipeline lock keeps two triggers from interleavi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -18,10 +19,13 @@ import kopf
 
 from pipeshift.operator import manifests as m
 from pipeshift.operator import status as st
+from pipeshift.operator.autoscale import AutoscaleLoop
+from pipeshift.operator.change import ChangeDriver, Ports
 from pipeshift.operator.kube import Kube
+from pipeshift.operator.lifecycle import before_reconcile
 from pipeshift.operator.metrics import OperatorMetrics
-from pipeshift.operator.reconcile import NORMAL, WARNING, Create, Delete, Event, Outcome, reconcile
-from pipeshift.operator.spec import GROUP, PLURAL, POLICY_PLURAL, VERSION
+from pipeshift.operator.reconcile import NORMAL, WARNING, Create, Delete, Event, Observed, Outcome, reconcile
+from pipeshift.operator.spec import GROUP, PLURAL, POLICY_PLURAL, VERSION, PipelineRef, SpecError, parse_spec
 from pipeshift.operator.validation import validate_policy
 
 logger = logging.getLogger(__name__)
@@ -33,8 +37,14 @@ EVENT_PREFIX = "pipeshift-"
 class PipelineOperator:
     """The domain code bound to one API adapter, the metrics, and a lock per pipeline."""
 
-    def __init__(self, kube: Kube, metrics: OperatorMetrics) -> None:
+    # Passes run back to back while a live change advances (one phase each), at most this many per trigger.
+    MAX_CHAINED_PASSES = 40
+
+    def __init__(self, kube: Kube, metrics: OperatorMetrics, changes: ChangeDriver | None = None,
+                 prometheus_url: str | None = None) -> None:
         self.kube, self.metrics = kube, metrics
+        self.changes = changes or ChangeDriver()
+        self.autoscale = AutoscaleLoop(prometheus_url, decided=lambda kind: metrics.decisions.inc(kind=kind))
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -50,16 +60,83 @@ class PipelineOperator:
         """One pass over the pipeline as it is now; None when it is gone or being deleted."""
         with self._lock(namespace, name):
             try:
-                return self._reconcile(namespace, name)
+                for _ in range(self.MAX_CHAINED_PASSES):
+                    outcome, again = self._pass(namespace, name)
+                    if not again:
+                        return outcome
+                return outcome
             except Exception:
                 self.metrics.reconciles.inc(outcome="error")
                 raise
 
-    def _reconcile(self, namespace: str, name: str) -> Outcome | None:
+    def _pass(self, namespace: str, name: str) -> tuple[Outcome | None, bool]:
+        """One pass, then one step of a live change when there is one; True: run the next pass at once."""
+        found = self._reconcile(namespace, name)
+        if found is None:
+            return None, False
+        outcome, body, observed = found
+        if outcome.change is None or outcome.result == "invalid":
+            return outcome, False
+        ref = PipelineRef.from_body(body)
+        ports = Ports(
+            apply=lambda action: self._apply(body, namespace, action),
+            patch_status=lambda patch: self.kube.patch_status(PLURAL, namespace, name, patch),
+            annotate_frontend=lambda notes: self.kube.annotate_deployment(namespace, m.frontend_name(name), notes),
+            token=lambda: self.kube.control_token(namespace, name),
+            post=lambda event: self.post(body, event),
+            ended=self._ended,
+        )
+        reason = self.autoscale.reason(f"{namespace}/{name}") if not body["spec"].get("layout") else None
+        again = self.changes.advance(ref, parse_spec(body["spec"]), observed, outcome.change, ports, st.utcnow(),
+                                     reason=reason or "spec.layout changed")
+        return outcome, again
+
+    def _autoscaled(self, body: dict[str, Any], observed: Observed) -> Observed:
+        """Without spec.layout: the layout the policy wants (`autoscale`), seen by the pass as its target."""
+        raw = body.get("spec")
+        if not isinstance(raw, Mapping) or raw.get("layout") is not None:
+            return observed
+        try:
+            spec = parse_spec(raw)
+        except SpecError:
+            return observed  # the pass reports it
+        policy = (observed.policy or {}).get("spec") if observed.policy is not None else spec.inline_policy
+        key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        try:
+            layout, events = self.autoscale.desired(key, body, spec, policy if isinstance(policy, Mapping) else None,
+                                                    observed, self.kube.node_gpus)
+        except Exception as error:  # a policy the planner cannot use: hold, say why, try again next pass
+            logger.warning("%s: autoscaling holds: %s", key, error)
+            return observed
+        for event in events:
+            self.post(body, event)
+        return dataclasses.replace(observed, autoscale_layout=layout) if layout is not None else observed
+
+    def _ended(self, outcome: str, seconds: float, pause_s: float) -> None:
+        self.metrics.reconfigurations.inc(outcome=outcome)
+        self.metrics.reconfig_seconds.inc(seconds, outcome=outcome)
+        if outcome == "committed":
+            self.metrics.pause_seconds.inc(pause_s)
+
+    def _apply(self, body: Mapping[str, Any], namespace: str, action: Create | Delete) -> bool:
+        if not self.kube.apply(namespace, action):
+            return False
+        if isinstance(action, Create):
+            role = (action.manifest["metadata"].get("labels") or {}).get(m.LABEL_ROLE, "")
+            self.metrics.created.inc(kind=action.kind, role=role)
+        else:
+            self.metrics.deleted.inc(kind=action.kind)
+        return True
+
+    def _reconcile(self, namespace: str, name: str) -> tuple[Outcome, dict[str, Any], Observed] | None:
         body = self.kube.get_pipeline(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        outcome = reconcile(body, self.kube.observe(body), now=st.utcnow())
+        observed = self._autoscaled(body, self.kube.observe(body))
+        body, observed, at_zero = before_reconcile(self, body, observed)  # restore, scale to zero (lifecycle.py)
+        if at_zero:
+            return None
+        outcome = reconcile(body, observed, now=st.utcnow())
         for action in outcome.actions:
             if not self.kube.apply(namespace, action):
                 continue
@@ -75,12 +152,13 @@ class PipelineOperator:
         if any(previous.get(k) != v for k, v in outcome.status.items()):
             self.kube.patch_status(PLURAL, namespace, name, outcome.status)
             if previous.get("phase") != outcome.status["phase"]:
-                logger.info("%s/%s: phase %s -> %s", namespace, name, previous.get("phase"), outcome.status["phase"])
+                logger.info("%s/%s: phase %s -> %s (reconfiguration %s)", namespace, name, previous.get("phase"),
+                            outcome.status["phase"], (previous.get("reconfiguration") or {}).get("id"))
         for event in outcome.events:
             self.post(body, event)
         self.metrics.reconciles.inc(outcome=outcome.result)
         logger.debug("%s/%s: %s (%d actions)", namespace, name, outcome.result, len(outcome.actions))
-        return outcome
+        return outcome, body, observed
 
     def delete(self, body: Mapping[str, Any]) -> None:
         """Remove every child explicitly, so cleanup does not depend on a garbage collector."""

@@ -8,6 +8,7 @@ pass repeated after a restart, converge instead of failing.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from pipeshift.operator import manifests as m
-from pipeshift.operator.reconcile import Action, Create, Delete, Observed, PodView, Update
+from pipeshift.operator.reconcile import STAGES_ANNOTATION, Action, Create, Delete, Observed, PodView, Update
 from pipeshift.operator.spec import DEFAULT_CONFIG_KEY, GROUP, PLURAL, POLICY_PLURAL, VERSION
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Kube:
             service=self._maybe(self.core.read_namespaced_service, m.frontend_name(name), ns) is not None,
             deployment=deployment is not None,
             deployment_hash=((deployment or {}).get("metadata", {}).get("annotations") or {}).get(m.HASH_ANNOTATION),
+            deployment_template_stages=_template_stages(deployment),
+            deployment_stages=((deployment or {}).get("metadata", {}).get("annotations") or {}).get(STAGES_ANNOTATION),
             model_config=config,
             model_config_error=config_error,
             policy=self._policy(ns, spec.get("policy")),
@@ -155,8 +158,43 @@ class Kube:
                 gone.append(f"{kind}/{obj}")
         return gone
 
+    def control_token(self, namespace: str, name: str) -> str | None:
+        """The pipeline's control token (what the agents and the frontend require on control calls)."""
+        secret = self._maybe(self.core.read_namespaced_secret, m.secret_name(name), namespace)
+        raw = ((secret or {}).get("data") or {}).get(m.TOKEN_KEY)
+        return base64.b64decode(raw).decode() if raw else None
+
+    def annotate_deployment(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
+        """Metadata only: the pod template (and so the running frontend pod) stays as it is."""
+        self.apps.patch_namespaced_deployment(name, namespace, {"metadata": {"annotations": dict(annotations)}},
+                                              _content_type=MERGE_PATCH, _preload_content=False)
+
+    def node_gpus(self, selector: Mapping[str, str]) -> int:
+        """Allocatable `nvidia.com/gpu` summed over the schedulable Nodes that match `selector`."""
+        text = ",".join(f"{k}={v}" for k, v in selector.items())
+        nodes = self._json(self.core.list_node, label_selector=text)["items"]
+        total = 0
+        for node in nodes:
+            if (node.get("spec") or {}).get("unschedulable"):
+                continue
+            value = ((node.get("status") or {}).get("allocatable") or {}).get(m.GPU_RESOURCE, "0")
+            total += int(str(value)) if str(value).isdigit() else 0
+        return total
+
     def patch_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """A merge patch of the status subresource: keys set to None are removed."""
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name,
                                                           {"status": dict(status)}, _content_type=MERGE_PATCH,
                                                           _preload_content=False)
+
+
+def _template_stages(deployment: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """PIPESHIFT_FRONTEND_STAGES of the Deployment's pod template, as a tuple of addresses."""
+    try:
+        containers = deployment["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+    for env in (containers[0].get("env") or []) if containers else []:
+        if env.get("name") == "PIPESHIFT_FRONTEND_STAGES" and isinstance(env.get("value"), str):
+            return tuple(env["value"].split(","))
+    return None

@@ -31,7 +31,7 @@ class OperatorConfig:
     health_port: int | None = None
     log_level: str = "INFO"
     recheck_seconds: float = 10.0
-    prometheus_url: str | None = None  # for the autoscaling loop; unused while only pinned layouts are served
+    prometheus_url: str | None = None  # the autoscaling loop's Prometheus (replaces a policy's metrics URL)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeshift.operator.metrics import OperatorMetrics, serve_metrics
 
     metrics = OperatorMetrics()
-    op = PipelineOperator(Kube(), metrics)
+    op = PipelineOperator(Kube(), metrics, prometheus_url=cfg.prometheus_url)
     with contextlib.ExitStack() as stack:
         where = "all namespaces" if not cfg.namespaces else "namespaces " + ", ".join(cfg.namespaces)
         line = f"pipeshift operator: watching {where}"

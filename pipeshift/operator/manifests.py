@@ -171,6 +171,10 @@ def control_token_secret(ref: PipelineRef, token: str) -> dict[str, Any]:
             "stringData": {TOKEN_KEY: token}}
 
 
+# Seconds the frontend keeps the requests of a chain that lost a stage: time to schedule and load a new pod.
+FRONTEND_RECOVER_TIMEOUT_S = 180
+
+
 def frontend_env(ref: PipelineRef, spec: PipelineSpec, stage_addresses: Sequence[str]) -> list[dict[str, Any]]:
     if not stage_addresses:
         raise ValueError("the frontend needs the control address of every stage")
@@ -180,6 +184,8 @@ def frontend_env(ref: PipelineRef, spec: PipelineSpec, stage_addresses: Sequence
         _pod_ip_env("PIPESHIFT_FRONTEND_HOST"),
         {"name": "PIPESHIFT_FRONTEND_PORT", "value": str(FRONTEND_PORT)},
         {"name": "PIPESHIFT_FRONTEND_MODEL_NAME", "value": ref.name},
+        # A stage pod that dies is replaced by the operator (see `restore`): its requests wait for that.
+        {"name": "PIPESHIFT_FRONTEND_RECOVER_TIMEOUT", "value": str(FRONTEND_RECOVER_TIMEOUT_S)},
         _token_env(ref),
     ]
 

@@ -64,9 +64,38 @@ class OperatorMetrics:
                                "objects the operator deleted, by kind", ("kind",))
         self.events = Counter("pipeshift_operator_events_total", "Kubernetes Events posted, by type and reason",
                               ("type", "reason"))
+        self.reconfigurations = Counter("pipeshift_operator_reconfigurations_total",
+                                        "live layout changes ended, by outcome (committed, rolled_back)",
+                                        ("outcome",))
+        # Sums and counts (a histogram's _sum/_count without buckets): mean = sum / reconfigurations.
+        self.reconfig_seconds = Counter("pipeshift_operator_reconfiguration_seconds_total",
+                                        "seconds spent in live layout changes (start to end), by outcome",
+                                        ("outcome",))
+        self.pause_seconds = Counter("pipeshift_operator_switch_pause_seconds_total",
+                                     "seconds the frontend could not start a micro-batch while switching",
+                                     ())
+        self.decisions = Counter("pipeshift_operator_autoscale_decisions_total",
+                                 "autoscaling decisions by kind (hold, scale_up, scale_down, scale_to_zero, "
+                                 "cold_start, pin)", ("kind",))
+        # Restores of dead stage pods and scale to zero (see `restore` and `zero`).
+        self.restores = Counter("pipeshift_operator_stage_restores_total",
+                                "stage pods replaced after dying, the frontend re-wired onto them", ())
+        self.reprefilled = Counter("pipeshift_operator_requests_reprefilled_total",
+                                   "requests the frontend prefilled again after a stage was replaced or came back",
+                                   ("cause",))
+        self.scaled_to_zero = Counter("pipeshift_operator_scale_to_zero_total",
+                                      "times a pipeline's stage pods were all removed for idleness", ())
+        self.cold_starts = Counter("pipeshift_operator_cold_starts_total",
+                                   "pipelines brought back from zero stages by demand", ())
+        self.cold_start_seconds = Counter("pipeshift_operator_cold_start_seconds_total",
+                                          "seconds from demand seen at zero to the stages attached (sum; mean = "
+                                          "this / cold_starts)", ())
 
     def render(self) -> str:
-        return "".join(c.render() for c in (self.reconciles, self.created, self.deleted, self.events))
+        mine = (self.restores, self.reprefilled, self.scaled_to_zero, self.cold_starts, self.cold_start_seconds)
+        return "".join(c.render() for c in (self.reconciles, self.created, self.deleted, self.events,
+                                            self.reconfigurations, self.reconfig_seconds, self.pause_seconds,
+                                            self.decisions, *mine))
 
 
 @contextmanager

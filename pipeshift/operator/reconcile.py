@@ -26,8 +26,9 @@ _MESSAGE_EVENTS = frozenset({"InvalidSpec", "Unschedulable", "ModelConfigUnavail
 _WARN_REASONS = frozenset({"InvalidSpec", "Unschedulable", "ModelConfigUnavailable", "AutoscalingNotAvailable"})
 MAX_ERRORS = 10  # listed in the condition and Event; more are counted
 NO_LAYOUT_MESSAGE = (
-    "spec.layout is not set: this operator version serves pinned layouts only; the autoscaling loop that "
-    "plans a layout from spec.policy arrives in a later version. Set spec.layout.stages to serve now."
+    "spec.layout is not set and the pipeline has never served: the autoscaling loop changes the layout of a "
+    "serving pipeline but does not plan a first one yet. Set spec.layout.stages to start; remove it once Ready "
+    "to hand the layout to the policy."
 )
 
 
@@ -45,6 +46,7 @@ class PodView:
     spec_hash: str | None
     node: str | None = None
     unschedulable: str | None = None
+    layers: tuple[int, int] | None = None  # the range the pod was created with (a live change may move it)
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> PodView:
@@ -56,6 +58,9 @@ class PodView:
         if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
             unschedulable = str(scheduled.get("message") or "no node fits")
         stage = lbls.get(m.LABEL_STAGE)
+        created = str(notes.get(m.LAYERS_ANNOTATION) or "").split(":")
+        layers = (int(created[0]), int(created[1])) if len(created) == 2 and all(x.isdigit() for x in created) \
+            else None
         return cls(
             name=str(meta.get("name")),
             role=lbls.get(m.LABEL_ROLE),
@@ -67,6 +72,7 @@ class PodView:
             spec_hash=notes.get(m.HASH_ANNOTATION),
             node=(pod.get("spec") or {}).get("nodeName"),
             unschedulable=unschedulable,
+            layers=layers,
         )
 
     @property
@@ -90,6 +96,12 @@ class Observed:
     model_config: Mapping[str, Any] | None = None  # read from spec.model.configMapRef
     model_config_error: str | None = None  # why it could not be read
     policy: Mapping[str, Any] | None = None  # the AutoscalingPolicy spec.policy names, when found
+    # The frontend Deployment's stage list as its pod template has it, and as the running frontend uses it
+    # (annotation `STAGES_ANNOTATION`: a live change re-wires the frontend without touching the template).
+    deployment_template_stages: tuple[str, ...] | None = None
+    deployment_stages: str | None = None
+    # The layout the policy wants when spec.layout is not set (None: keep the current one).
+    autoscale_layout: Layout | None = None
 
 
 @dataclass(frozen=True)
@@ -139,14 +151,50 @@ class Delete:
 Action = Create | Update | Delete
 
 
+@dataclass(frozen=True)
+class ChangeRequest:
+    """`current`: the layout serving now (the stage ids of status.layout); `desired`: where to go (stage ids
+    not yet assigned); `running`: status.reconfiguration when a change is under way."""
+
+    current: Layout
+    desired: Layout
+    running: Mapping[str, Any] | None = None
+
+
+STAGES_ANNOTATION = "pipeshift.dev/stages"  # on the frontend Deployment: the stages the running frontend uses
+_SERVED_PHASES = (st.READY, st.RECONFIGURING, st.DEGRADED)
+
+
+def current_layout(previous: Mapping[str, Any]) -> Layout | None:
+    """The layout the pipeline served at the last pass (status.layout, with the stage ids a live change
+    assigned), or None when it was not serving."""
+    if previous.get("phase") not in _SERVED_PHASES and not previous.get("reconfiguration"):
+        return None
+    try:
+        stages = (previous.get("layout") or {})["stages"]
+        return Layout(tuple(StagePlan(int(s["stageId"]), str(s["pool"]), int(s["layers"][0]), int(s["layers"][1]))
+                            for s in stages))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def same_shape(a: Layout, b: Layout) -> bool:
+    """The same pools and ranges in the same order (stage ids aside)."""
+    return [(s.pool, s.start, s.end) for s in a] == [(s.pool, s.start, s.end) for s in b]
+
+
 @dataclass
 class Outcome:
-    """`result` is invalid | unsupported | waiting | ready; `waiting` asks for a prompt re-check."""
+    """`result` is invalid | unsupported | waiting | ready; `waiting` asks for a prompt re-check.
+
+    `change`: a live change to drive (`change.py`): the one in `status.reconfiguration`, or a new one to
+    `desired` (the pipeline serves `current`, whose ranges differ from it); None when there is nothing to move."""
 
     status: dict[str, Any]
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     result: str = "waiting"
+    change: ChangeRequest | None = None
 
     @property
     def recheck(self) -> bool:
@@ -187,14 +235,33 @@ def reconcile(body: Mapping[str, Any], observed: Observed, *, now: str,
         return ctx.finish(result="invalid", phase=st.FAILED,
                           ready=st.Condition(st.READY, False, "InvalidSpec", _summary(errors)))
     ctx.events += _policy_events(spec, observed, spec_changed)
-    if spec.layout is None:
+    current = current_layout(previous)
+    desired = spec.layout or observed.autoscale_layout or current
+    if desired is None:
         return ctx.finish(result="unsupported", phase=st.PENDING,
                           ready=st.Condition(st.READY, False, "AutoscalingNotAvailable", NO_LAYOUT_MESSAGE))
     if spec.model.config_map is not None and observed.model_config is None:
         why = observed.model_config_error or "not read yet"
         return ctx.finish(result="waiting", phase=st.PENDING,
                           ready=st.Condition(st.READY, False, "ModelConfigUnavailable", why))
-    return _serve_pinned(ctx, spec, spec.layout, observed, make_token)
+    if current is not None and current.num_layers != desired.num_layers:
+        current = None  # another model: nothing can move live
+    running = previous.get("reconfiguration")
+    if current is not None and isinstance(running, Mapping) and running.get("id"):
+        out = _serve_pinned(ctx, spec, current, observed, make_token, running=running, live=True)
+        out.change = ChangeRequest(current, desired, running)
+        return out
+    if current is not None and not same_shape(current, desired):
+        out = _serve_pinned(ctx, spec, current, observed, make_token, live=True)
+        if out.result == "ready":  # a live change starts from a pipeline that serves
+            out.change = ChangeRequest(current, desired)
+            return out
+        if ctx.previous.get("phase") == st.DEGRADED:
+            return out  # restore what served first
+        ctx = _Context(ref, previous, spec_changed, now)
+    if current is not None and same_shape(current, desired):
+        return _serve_pinned(ctx, spec, current, observed, make_token, live=True)
+    return _serve_pinned(ctx, spec, desired, observed, make_token)
 
 
 def _summary(errors: Sequence[str]) -> str:
@@ -212,9 +279,9 @@ class _Context:
         self.extra: dict[str, Any] = {}
 
     def finish(self, *, result: str, phase: str, ready: st.Condition,
-               degraded: st.Condition | None = None) -> Outcome:
+               degraded: st.Condition | None = None, reconfiguring: st.Condition | None = None) -> Outcome:
         degraded = degraded or st.Condition(st.DEGRADED, False, "AsExpected", "nothing that served has stopped")
-        idle = st.Condition(st.RECONFIGURING, False, "Idle", "no reconfiguration in progress")
+        idle = reconfiguring or st.Condition(st.RECONFIGURING, False, "Idle", "no reconfiguration in progress")
         conditions = [ready, idle, degraded]
         old = self.previous.get("conditions") or []
         self.events += _condition_events(st.changed(old, conditions, _MESSAGE_EVENTS), old)
@@ -259,19 +326,35 @@ def layout_summary(layout: Layout) -> str:
     return ",".join(f"{s.pool}:{s.start}-{s.end}" for s in layout)
 
 
+def _expected_hash(ref: PipelineRef, spec: PipelineSpec, stage: StagePlan, pod: PodView | None, live: bool) -> str:
+    """The digest a stage pod should carry. `live`: `stage` is from the layout that served (status), where a
+    live change may have moved the pod's layers without recreating it, so the digest is built with the range
+    the pod was *created* with (only a change of anything else means a restart)."""
+    if live and pod is not None and pod.layers is not None:
+        stage = StagePlan(stage.stage_id, stage.pool, pod.layers[0], pod.layers[1])
+    made = m.stage_pod(ref, spec, stage, spec.pool(stage.pool))
+    return str(made["metadata"]["annotations"][m.HASH_ANNOTATION])
+
+
 def _serve_pinned(ctx: _Context, spec: PipelineSpec, layout: Layout, observed: Observed,
-                  make_token: Callable[[], str]) -> Outcome:
+                  make_token: Callable[[], str], running: Mapping[str, Any] | None = None,
+                  live: bool = False) -> Outcome:
+    """Serve `layout` (`live`: the layout that served, see `_expected_hash`); with `running` (a live change
+    under way) its new stage pods are kept and the frontend is left alone (the change re-wires it)."""
     ref = ctx.ref
     if not observed.secret:
         ctx.actions.append(Create(m.control_token_secret(ref, make_token())))
     if not observed.service:
         ctx.actions.append(Create(m.frontend_service(ref)))
     wanted = {s.stage_id: m.stage_pod(ref, spec, s, spec.pool(s.pool)) for s in layout}
-    hashes = {sid: pod["metadata"]["annotations"][m.HASH_ANNOTATION] for sid, pod in wanted.items()}
     stage_pods = [p for p in observed.pods if p.role == m.ROLE_STAGE]
-    _retire_stage_pods(ctx, stage_pods, wanted, hashes)
-
     by_name = {p.name: p for p in stage_pods}
+    hashes = {s.stage_id: _expected_hash(ref, spec, s, by_name.get(m.stage_pod_name(ref.name, s.stage_id)), live)
+              for s in layout}
+    keep = {m.stage_pod_name(ref.name, int(s["stageId"])) for s in ((running or {}).get("to") or {}).get("stages", [])
+            if isinstance(s, Mapping) and "stageId" in s}
+    _retire_stage_pods(ctx, [p for p in stage_pods if p.name not in keep], wanted, hashes)
+
     serving: dict[int, PodView] = {}
     waiting: list[str] = []
     unschedulable: list[str] = []
@@ -294,11 +377,15 @@ def _serve_pinned(ctx: _Context, spec: PipelineSpec, layout: Layout, observed: O
     if len(serving) == len(layout):
         addresses = [m.stage_address(str(serving[s.stage_id].pod_ip)) for s in layout]
         deployment = m.frontend_deployment(ref, spec, addresses)
+        deployment["metadata"]["annotations"][STAGES_ANNOTATION] = ",".join(addresses)
         frontend_hash = deployment["metadata"]["annotations"][m.HASH_ANNOTATION]
-        if not observed.deployment:
+        rewired = _rewired_hash(ref, spec, observed, addresses)
+        if rewired is not None:
+            frontend_hash = rewired  # a live change re-wired the running frontend: its template stays
+        elif not observed.deployment:
             ctx.actions.append(Create(deployment, Event(NORMAL, "CreatedFrontend",
                                                         f"frontend with stages {','.join(addresses)}")))
-        elif observed.deployment_hash != frontend_hash:
+        elif observed.deployment_hash != frontend_hash and running is None:
             ctx.actions.append(Update(deployment, Event(NORMAL, "UpdatedFrontend",
                                                         f"frontend re-pointed at stages {','.join(addresses)}")))
         frontend_pod = next((p for p in observed.pods if p.role == m.ROLE_FRONTEND and p.serving(frontend_hash)),
@@ -330,7 +417,33 @@ def _serve_pinned(ctx: _Context, spec: PipelineSpec, layout: Layout, observed: O
         lost = "a stage" if waiting else "the frontend"
         degraded = st.Condition(st.DEGRADED, True, "StageLost" if waiting else "FrontendLost",
                                 f"{lost} stopped serving: {ready.message}")
-    return ctx.finish(result="ready" if is_serving else "waiting", phase=phase, ready=ready, degraded=degraded)
+    reconfiguring = None
+    if running is not None:
+        ctx.extra["reconfiguration"] = dict(running)
+        reconfiguring = st.Condition(st.RECONFIGURING, True, _camel(str(running.get("phase") or "starting")),
+                                     f"live change {running.get('id')} to {running.get('toSummary', '?')}: "
+                                     f"{running.get('phase')}")
+        if phase != st.DEGRADED:
+            phase = st.RECONFIGURING
+    return ctx.finish(result="ready" if is_serving else "waiting", phase=phase, ready=ready, degraded=degraded,
+                      reconfiguring=reconfiguring)
+
+
+def _camel(phase: str) -> str:
+    """A condition reason from a phase name (`rolling_back` → `RollingBack`)."""
+    return "".join(part[:1].upper() + part[1:] for part in phase.replace("-", "_").split("_"))
+
+
+def _rewired_hash(ref: PipelineRef, spec: PipelineSpec, observed: Observed, addresses: Sequence[str]) -> str | None:
+    """The template digest of a Deployment whose running frontend a live change pointed at `addresses`
+    (annotation) while its pod template kept the stages it was created with; None when that is not the case
+    (no Deployment, other stages, or the template is stale in anything else: then it is updated)."""
+    if not observed.deployment or observed.deployment_stages != ",".join(addresses) \
+            or not observed.deployment_template_stages:
+        return None
+    made = m.frontend_deployment(ref, spec, list(observed.deployment_template_stages))
+    digest = str(made["metadata"]["annotations"][m.HASH_ANNOTATION])
+    return digest if digest == observed.deployment_hash else None
 
 
 def _retire_stage_pods(ctx: _Context, pods: Sequence[PodView], wanted: Mapping[int, Mapping[str, Any]],
