@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeshift.errors import UserError
-from pipeshift.local.plot import PhaseSpan, figure, phase_spans, require_matplotlib, token_gaps
+from pipeshift.local.plot import Panel, PhaseSpan, figure, phase_spans, require_matplotlib, token_gaps
 
 # A drain change as the orchestrator reports it: durations in ms, in the order the phases ran.
 DRAIN = {"planned": 1.0, "starting": 40.0, "preparing": 10.0, "precopying": 100.0, "holding": 20.0,
@@ -53,7 +53,7 @@ def test_token_gaps_start_with_the_time_to_first_token() -> None:
 def test_every_span_is_drawn_as_a_band_over_the_token_latencies() -> None:
     spans = phase_spans(DRAIN, anchors={"holding": 1000.5}, change_start_unix=999.0, zero_unix=1000.0)
     series = [token_gaps(1000.0, [1000.1, 1000.2, 1000.7], 1000.0), token_gaps(1000.3, [1000.4, 1000.9], 1000.0)]
-    ax = figure(series, spans, "test").axes[0]
+    ax = figure([Panel(series, spans, "test")], "test").axes[0]
     bands = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
     assert bands == [(pytest.approx(s.start), pytest.approx(s.end)) for s in spans]
     assert [c.get_offsets().shape[0] for c in ax.collections] == [3, 2]  # one scatter series per request
@@ -65,3 +65,14 @@ def test_a_missing_matplotlib_is_named_with_the_extra_to_install(monkeypatch: py
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UserError, match=r"--plot needs matplotlib: pip install 'pipeshift\[plot\]'"):
         require_matplotlib()
+
+
+def test_two_panels_put_the_epoch_switch_next_to_the_drain_switch_on_one_latency_axis() -> None:
+    drain = phase_spans(DRAIN, anchors={"holding": 1000.5}, change_start_unix=999.0, zero_unix=1000.0)
+    epoch = [PhaseSpan("pre-copy", 0.2, 0.4), PhaseSpan("switch", 0.4, 0.41)]
+    fig = figure([Panel([token_gaps(1000.0, [1000.1, 1000.2], 1000.0)], epoch, "epoch"),
+                  Panel([token_gaps(1000.0, [1000.1, 1000.9], 1000.0)], drain, "drain")], "both")
+    first, second = fig.axes
+    assert (first.get_title(), second.get_title()) == ("epoch", "drain")
+    assert len(first.patches) == len(epoch) and len(second.patches) == len(drain)
+    assert first.get_shared_y_axes().joined(first, second)  # the same latency scale, so the stall compares

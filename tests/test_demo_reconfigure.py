@@ -77,6 +77,7 @@ def test_demo_changes_the_layout_live_losing_nothing_matching_the_reference_and_
     assert result["weights_bytes_streamed"] == 0 and result["stage_start_ms"] > 0
     png = plot.read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000 and result["plot"] == str(plot)
+    assert result["plot_compared_switch"] == "drain"  # the plot puts the same change under drain beside it
 
 
 def test_demo_in_float32_from_a_trace_with_weights_from_the_source(workdir: Path, tmp_path: Path) -> None:

@@ -14,13 +14,14 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeshift.api import plan_moves
-from pipeshift.control import STRATEGIES, SWITCHES, WEIGHTS, ReconfigReport
+from pipeshift.api import ReconfigPlan, plan_moves
+from pipeshift.control import STRATEGIES, SWITCHES, WEIGHTS
 from pipeshift.errors import UserError
 from pipeshift.local import plot
-from pipeshift.local.demo_change import SPANNING_TARGET, StandbyPipeline, replay_with_change, too_few
+from pipeshift.local.demo_change import SPANNING_TARGET, LiveRun, StandbyPipeline, replay_with_change, too_few
 from pipeshift.local.demo_report import (
     agent_stats,
     clock_offset,
@@ -31,7 +32,7 @@ from pipeshift.local.demo_report import (
     table,
     weights_moved,
 )
-from pipeshift.local.loadgen import StreamResult, poisson_requests, replay
+from pipeshift.local.loadgen import PlannedRequest, StreamResult, poisson_requests, replay
 from pipeshift.local.neartie import compare
 from pipeshift.local.policy_demo import run_policy
 from pipeshift.local.processes import start_agents
@@ -71,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "streamed from the stage that computes them now")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="draw every token's latency over time with the change's phases shaded (needs "
-                             "pipeshift[plot])")
+                             "pipeshift[plot]); with a live strategy the same change under the other --switch is "
+                             "run too and drawn beside it")
     parser.add_argument("--policy", type=Path, default=None,
                         help="let this autoscaling policy change the layout while the load rises and falls "
                              "(instead of --from/--to); --rate is then the peak rate")
@@ -115,15 +117,67 @@ def check(args: argparse.Namespace) -> None:
         raise too_few(SPANNING_TARGET, f"--requests {args.requests} is below {SPANNING_TARGET}")
 
 
-def draw(args: argparse.Namespace, live: list[StreamResult], report: ReconfigReport | None, start: float,
-         offset: float) -> None:
+def panel(args: argparse.Namespace, change: Change, switch: str) -> plot.Panel:
+    """One run's token latencies and its phases on the clients' clock."""
+    live, report = change.live.results, change.live.report
     zero = min(r.sent for r in live)
     series = [plot.token_gaps(r.sent, r.token_times, zero) for r in live]
     anchors = {} if report is None else {"holding": report.held_unix, "committing": report.resumed_unix}
     spans = plot.phase_spans(report.phases_ms if report is not None else {}, anchors=anchors,
-                             change_start_unix=start + offset, zero_unix=zero + offset)
-    plot.save(args.plot, series, spans, f"{args.old} → {args.new}: {args.strategy}, {args.switch} switch, "
-                                        f"weights from {args.weights}, {args.dtype}")
+                             change_start_unix=change.live.start + change.offset, zero_unix=zero + change.offset)
+    return plot.Panel(series, spans, f"{args.strategy}, {switch} switch")
+
+
+def compared_switch(args: argparse.Namespace) -> str | None:
+    """With a live strategy the plot also shows the other switch on the same workload."""
+    if args.plot is None or args.strategy not in ("live", "live-no-resize"):
+        return None
+    return "drain" if args.switch == "epoch" else "epoch"
+
+
+@dataclass
+class Change:
+    """One run of the workload with the change in it (and the reference run before it, when asked)."""
+
+    live: LiveRun
+    offset: float
+    reference: list[StreamResult]
+    recomputed: int
+    moved: int
+    streamed: int
+    stage_start_ms: float | None
+
+
+def change_once(args: argparse.Namespace, model: Path, plan: ReconfigPlan, planned: list[PlannedRequest],
+                switch: str, *, reference: list[StreamResult] | None = None) -> Change:
+    """Start the `--from` pipeline, replay the reference (unless given), then replay again changing to `--to`."""
+    print(f"starting the {args.old} pipeline ...", file=sys.stderr)
+    with start_agents(model, plan.old, dtype=args.dtype) as agents, \
+            BackgroundFrontend(frontend_config(model, agents)) as frontend:
+        token = frontend.frontend.config.control_token
+        pipeline = StandbyPipeline(model, agents, plan.old, dtype=args.dtype, token=token)
+        try:
+            added = [plan.new.stage(sid) for sid in plan.added] if args.strategy != "restart" else []
+            stage_start_ms = pipeline.prestart(added) if added else None
+            replayed = reference is None
+            if reference is None:
+                reference = asyncio.run(replay(frontend.url, planned, Progress("reference", len(planned))))
+            offset = clock_offset()
+            live = asyncio.run(replay_with_change(
+                frontend.url, planned,
+                lambda hook: pipeline.change(frontend.url, args.new, args.strategy, weights=args.weights,
+                                             before_hold=hook, switch=switch),
+                Progress(f"live ({switch})", len(planned))))
+            counted = reference + live.results if replayed else live.results
+            recomputed = recomputed_layer_tokens(pipeline, live.report, planned, counted, token)
+            departed = live.report.departed_stats if live.report is not None else {}
+            moved, streamed = weights_moved(agent_stats(pipeline, token), departed, fresh_stages(plan, args.strategy))
+        finally:
+            frontend.stop()
+            pipeline.stop()
+    if live.error is not None:
+        raise live.error
+    return Change(live, offset, reference, recomputed, moved, streamed, stage_start_ms)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,44 +187,31 @@ def run(args: argparse.Namespace) -> int:
     if args.policy is not None:
         return run_policy(args, model)
     config = LlamaConfig.from_file(model / "config.json")
-    old = model_layout(model, args.old)
-    plan = plan_moves(old, model_layout(model, args.new))
+    plan = plan_moves(model_layout(model, args.old), model_layout(model, args.new))
     if plan.is_noop:
         raise UserError(f"--to {args.new} is the --from layout; nothing to change")
     planned = workload(args, config.vocab_size, config.max_position_embeddings, poisson_requests)
     if len(planned) < SPANNING_TARGET:
         raise too_few(SPANNING_TARGET, f"the workload has {len(planned)} requests (--requests, --trace)")
-    print(f"starting the {args.old} pipeline ...", file=sys.stderr)
-    with start_agents(model, old, dtype=args.dtype) as agents, \
-            BackgroundFrontend(frontend_config(model, agents)) as frontend:
-        token = frontend.frontend.config.control_token
-        pipeline = StandbyPipeline(model, agents, old, dtype=args.dtype, token=token)
-        try:
-            added = [plan.new.stage(sid) for sid in plan.added] if args.strategy != "restart" else []
-            stage_start_ms = pipeline.prestart(added) if added else None
-            reference = asyncio.run(replay(frontend.url, planned, Progress("reference", len(planned))))
-            offset = clock_offset()
-            live = asyncio.run(replay_with_change(
-                frontend.url, planned,
-                lambda hook: pipeline.change(frontend.url, args.new, args.strategy, weights=args.weights,
-                                             before_hold=hook, switch=args.switch),
-                Progress("live", len(planned))))
-            recomputed = recomputed_layer_tokens(pipeline, live.report, planned, reference + live.results, token)
-            departed = live.report.departed_stats if live.report is not None else {}
-            moved, streamed = weights_moved(agent_stats(pipeline, token), departed, fresh_stages(plan, args.strategy))
-        finally:
-            frontend.stop()
-            pipeline.stop()
-    if live.error is not None:
-        raise live.error
-    across = spanning(live.results, live.report, offset)
+    main = change_once(args, model, plan, planned, args.switch)
+    reference, live = main.reference, main.live
+    across = spanning(live.results, live.report, main.offset)
     comparison = compare(model, args.dtype, [p.prompt for p in planned], [r.tokens for r in reference],
                          [r.tokens for r in live.results])
+    other = compared_switch(args)
     result = measure(args, reference, live.results, live.report, live.start, live.end, across, comparison) | {
-        "tokens_recomputed": recomputed, "weights_bytes_moved": moved, "weights_bytes_streamed": streamed,
-        "stage_start_ms": stage_start_ms, "plot": None if args.plot is None else str(args.plot)}
+        "tokens_recomputed": main.recomputed, "weights_bytes_moved": main.moved,
+        "weights_bytes_streamed": main.streamed, "stage_start_ms": main.stage_start_ms,
+        "plot": None if args.plot is None else str(args.plot), "plot_compared_switch": other}
     if args.plot is not None:
-        draw(args, live.results, live.report, live.start, offset)
+        panels = [panel(args, main, args.switch)]
+        if other is not None:
+            compared = change_once(args, model, plan, planned, other, reference=reference)
+            panels.append(panel(args, compared, other))
+            result["plot_compared_pause_ms"] = measure(
+                args, reference, compared.live.results, compared.live.report, compared.live.start, compared.live.end,
+                [], comparison)["pause_ms"]
+        plot.save(args.plot, panels, f"{args.old} → {args.new}, weights from {args.weights}, {args.dtype}")
     print(json.dumps(result) if args.json else table(result))
     if result["outcome"] == "committed" and len(across) < SPANNING_TARGET:
         print(f"pipeshift demo: error: {too_few(SPANNING_TARGET, f'only {len(across)} requests streamed across')}",

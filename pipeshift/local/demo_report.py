@@ -94,12 +94,14 @@ def fresh_stages(plan: ReconfigPlan, strategy: str) -> list[int]:
 
 def recomputed_layer_tokens(pipeline: LivePipeline, report: ReconfigReport | None, planned: list[PlannedRequest],
                             results: list[StreamResult], token: str | None) -> int:
-    """The agents' own (position, layer) counters against what every request served (the reference run
-    and the live run, on the same agents) needed; stages that left were read before they stopped."""
+    """The agents' own (position, layer) counters against what every request served on these agents needed
+    (`results`: the reference run and the live run, or the live run alone, each in `planned` order); stages
+    that left were read before they stopped."""
     counted = list(stage_layer_tokens(pipeline.urls.values(), token).values())
     if report is not None:
         counted += [int(stats["layer_tokens_computed"]) for stats in report.departed_stats.values()]
-    served = [(len(p.prompt), len(r.tokens)) for p, r in zip(planned * 2, results, strict=True)]
+    runs = len(results) // len(planned)
+    served = [(len(p.prompt), len(r.tokens)) for p, r in zip(planned * runs, results, strict=True)]
     return tokens_recomputed(counted, served, pipeline.layout.num_layers)
 
 

@@ -6,7 +6,8 @@ wall-clock time known to start a phase pins that sequence to the clients' clock 
 switch `held_unix` starts `holding`; with the epoch switch `resumed_unix` is taken as `committing` begins).
 Phases are grouped as a reader thinks of them: prepare (starting stages, loading weights), pre-copy, switch
 (hold or arm, final copy, commit, resume, retire) and clean-up. matplotlib is an optional extra
-(`pipeshift[plot]`).
+(`pipeshift[plot]`). With a live strategy the demo draws two panels side by side: the change under the
+epoch switch and the same change under the drain switch, so the drain's stall shows next to its absence.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ GROUPS = {
 }
 COLOURS = {"prepare": "tab:blue", "pre-copy": "tab:green", "switch": "tab:red", "clean-up": "tab:purple"}
 SKIPPED = frozenset({"planned", "done", "aborted", "failed"})
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One run's token latencies and phase spans, drawn as one subplot."""
+
+    series: Sequence[Sequence[tuple[float, float]]]
+    spans: Sequence[PhaseSpan]
+    title: str
 
 
 @dataclass(frozen=True)
@@ -78,36 +88,39 @@ def require_matplotlib() -> None:
         raise UserError("--plot needs matplotlib: pip install 'pipeshift[plot]'") from None
 
 
-def figure(series: Sequence[Sequence[tuple[float, float]]], spans: Sequence[PhaseSpan], title: str) -> Any:
-    """The figure (not saved): one scatter series per request, one shaded band per phase span."""
+def figure(panels: Sequence[Panel], title: str) -> Any:
+    """The figure (not saved): one subplot per panel, side by side with a shared latency axis; in each, one
+    scatter series per request and one shaded band per phase span."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 5), dpi=110)
-    ax = fig.add_subplot()
-    for points in series:
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.scatter(xs, ys, s=6, alpha=0.6)
-    drawn = set()
-    for span in spans:
-        ax.axvspan(span.start, span.end, color=COLOURS.get(span.label, "tab:gray"), alpha=0.2,
-                   label=None if span.label in drawn else span.label)
-        drawn.add(span.label)
-    ax.set_yscale("log")
-    ax.set_xlabel("time since the first request (s)")
-    ax.set_ylabel("token latency: gap since the previous token (ms)")
-    ax.set_title(title)
-    if drawn:
-        ax.legend(loc="upper right")
+    fig = Figure(figsize=(10 * len(panels), 5), dpi=110)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        for points in panel.series:
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.scatter(xs, ys, s=6, alpha=0.6)
+        drawn = set()
+        for span in panel.spans:
+            ax.axvspan(span.start, span.end, color=COLOURS.get(span.label, "tab:gray"), alpha=0.2,
+                       label=None if span.label in drawn else span.label)
+            drawn.add(span.label)
+        ax.set_yscale("log")
+        ax.set_xlabel("time since the first request (s)")
+        ax.set_title(panel.title)
+        if drawn:
+            ax.legend(loc="upper right")
+    axes[0].set_ylabel("token latency: gap since the previous token (ms)")
+    fig.suptitle(title)
     return fig
 
 
-def save(path: Path, series: Sequence[Sequence[tuple[float, float]]], spans: Sequence[PhaseSpan], title: str) -> None:
+def save(path: Path, panels: Sequence[Panel], title: str) -> None:
     try:
-        figure(series, spans, title).savefig(path, format="png")
+        figure(panels, title).savefig(path, format="png")
     except OSError as error:
         raise UserError(f"--plot {path}: {error.strerror or error}") from None
