@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import random
 import re
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 from e2e.bed import Cluster
 from e2e.bed.procs import Managed, wait_until
-from e2e.test_pinned_pipeline import CHART, _service_account_token
+from e2e.test_pinned_pipeline import installed_chart
 
 BIN = Path(sys.executable).parent
 
@@ -73,27 +70,6 @@ class OperatorProcess:
 
     def log_text(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.work.glob("operator-*.log")))
-
-
-@contextmanager
-def installed_chart(cluster: Cluster, helm: Path, work: Path) -> Iterator[Path]:
-    """helm install the chart (its operator pod pinned to no node); yields a kubeconfig with its token."""
-    release, system = f"ps-{uuid.uuid4().hex[:6]}", f"pipeshift-system-{uuid.uuid4().hex[:6]}"
-    values = work / "values.yaml"
-    values.write_text(yaml.safe_dump({"nodeSelector": {"e2e.pipeshift.dev/no-such-node": "true"}}))
-    subprocess.run([str(helm), "install", release, str(CHART), "--namespace", system, "--create-namespace",
-                    "--values", str(values)], check=True, capture_output=True, text=True, env=cluster.env,
-                   timeout=180)
-    try:
-        for crd in ("llmpipelines.pipeshift.dev", "autoscalingpolicies.pipeshift.dev"):
-            cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
-        account = release if "pipeshift" in release else f"{release}-pipeshift"
-        token = _service_account_token(cluster, system, account)
-        yield cluster.token_kubeconfig(token, work / "operator.kubeconfig", namespace=system)
-    finally:
-        subprocess.run([str(helm), "uninstall", release, "--namespace", system], capture_output=True,
-                       env=cluster.env, timeout=120)
-        cluster.kubectl("delete", "namespace", system, "--wait=false", check=False)
 
 
 @dataclass
@@ -169,3 +145,20 @@ def lost(outcomes: list[Outcome]) -> list[Outcome]:
 def mismatched(outcomes: list[Outcome], expected: list[list[int]]) -> list[Any]:
     return [(o.prompt, o.tokens, expected[o.prompt]) for o in outcomes if o.status == 200
             and o.tokens != expected[o.prompt]]
+
+
+@contextmanager
+def running_operator(cluster: Cluster, helm: Path, work: Path) -> Iterator[OperatorProcess]:
+    """The chart installed and `pipeshift operator` started with its token; stopped, then uninstalled."""
+    with installed_chart(cluster, helm, work) as kubeconfig:
+        proc = OperatorProcess(cluster, kubeconfig, work).start()
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
+
+def settled_committed(status: dict[str, Any]) -> bool:
+    """An LLMPipeline status that is Ready with no change under way, its last change committed."""
+    last = status.get("lastReconfiguration") or {}
+    return status.get("phase") == "Ready" and not status.get("reconfiguration") and last.get("outcome") == "committed"

@@ -19,7 +19,7 @@ import pytest
 
 from e2e.bed import Cluster, FakeNode, ProcessKubelet, scrape_config
 from e2e.bed.procs import wait_until
-from e2e.operator_proc import LoadGenerator, OperatorProcess, installed_chart, lost, mismatched
+from e2e.operator_proc import LoadGenerator, OperatorProcess, lost, mismatched, running_operator, settled_committed
 from e2e.test_live_change import MAX_TOKENS, PROMPTS, patch_layout
 from e2e.test_pinned_pipeline import (  # noqa: F401 (tiny_model is a fixture)
     _apply,
@@ -34,13 +34,8 @@ from e2e.test_pinned_pipeline import (  # noqa: F401 (tiny_model is a fixture)
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster, gpu_nodes: tuple[FakeNode, ...], helm: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    work = tmp_path_factory.mktemp("operator-autoscale")
-    with installed_chart(cluster, helm, work) as kubeconfig:
-        proc = OperatorProcess(cluster, kubeconfig, work).start()
-        try:
-            yield proc
-        finally:
-            proc.stop()
+    with running_operator(cluster, helm, tmp_path_factory.mktemp("operator-autoscale")) as proc:
+        yield proc
 
 
 def burst_policy(prometheus_url: str) -> dict[str, Any]:
@@ -89,9 +84,7 @@ def test_rising_load_scales_live_from_two_to_three_stages(
     try:
         def scaled() -> bool:
             s = _pipeline_obj(cluster, namespace, name).get("status", {})
-            last = s.get("lastReconfiguration") or {}
-            return s.get("phase") == "Ready" and s.get("stageCount") == 3 and not s.get("reconfiguration") \
-                and last.get("outcome") == "committed"
+            return settled_committed(s) and s.get("stageCount") == 3
 
         wait_until(scaled, 240, "the policy's live scale-up to 3 stages", watch=[operator.proc], interval=0.5)
         request.node.user_properties.append(("seconds_load_to_scaled", round(time.monotonic() - started, 1)))

@@ -19,7 +19,7 @@ import pytest
 
 from e2e.bed import Cluster, FakeNode, ProcessKubelet
 from e2e.bed.procs import wait_until
-from e2e.operator_proc import LoadGenerator, OperatorProcess, installed_chart, lost, mismatched
+from e2e.operator_proc import LoadGenerator, OperatorProcess, lost, mismatched, running_operator, settled_committed
 from e2e.test_pinned_pipeline import (  # noqa: F401 (tiny_model is a fixture)
     LAYERS,
     _apply,
@@ -40,13 +40,8 @@ THREE = {"stages": [{"pool": "a100", "layers": [0, 2]}, {"pool": "l40s", "layers
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster, gpu_nodes: tuple[FakeNode, ...], helm: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    work = tmp_path_factory.mktemp("operator")
-    with installed_chart(cluster, helm, work) as kubeconfig:
-        proc = OperatorProcess(cluster, kubeconfig, work).start()
-        try:
-            yield proc
-        finally:
-            proc.stop()
+    with running_operator(cluster, helm, tmp_path_factory.mktemp("operator")) as proc:
+        yield proc
 
 
 def serve_two_stages(cluster: Cluster, namespace: str, name: str, model: Path, operator: OperatorProcess) -> None:
@@ -63,9 +58,7 @@ def patch_layout(cluster: Cluster, namespace: str, name: str, layout: dict[str, 
 
 def committed_to(cluster: Cluster, namespace: str, name: str, summary: str) -> bool:
     status = _pipeline_obj(cluster, namespace, name).get("status", {})
-    last = status.get("lastReconfiguration") or {}
-    return status.get("phase") == "Ready" and status.get("layoutSummary") == summary \
-        and not status.get("reconfiguration") and last.get("outcome") == "committed"
+    return settled_committed(status) and status.get("layoutSummary") == summary
 
 
 def test_a_patched_layout_moves_live_under_load_losing_nothing(

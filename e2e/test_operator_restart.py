@@ -19,7 +19,7 @@ import pytest
 
 from e2e.bed import Cluster, FakeNode, ProcessKubelet
 from e2e.bed.procs import wait_until
-from e2e.operator_proc import LoadGenerator, OperatorProcess, installed_chart, lost, mismatched
+from e2e.operator_proc import LoadGenerator, OperatorProcess, installed_chart, lost, mismatched, settled_committed
 from e2e.test_live_change import MAX_TOKENS, PROMPTS, THREE, patch_layout, serve_two_stages
 from e2e.test_pinned_pipeline import (  # noqa: F401 (tiny_model is a fixture)
     LAYERS,
@@ -101,9 +101,7 @@ def test_the_operator_killed_in_a_phase_resumes_or_rolls_back_losing_nothing(
 
         def settled() -> bool:
             s = bed.status()
-            last = s.get("lastReconfiguration") or {}
-            return s.get("phase") == "Ready" and not s.get("reconfiguration") and last.get("outcome") == "committed" \
-                and s.get("layoutSummary") == summary(target)
+            return settled_committed(s) and s.get("layoutSummary") == summary(target)
 
         wait_until(settled, 180, f"the change to {summary(target)} finished after a restart in {phase}",
                    watch=[bed.operator.proc], interval=0.3)

@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,7 @@ class Operator:
 def operator(cluster: Cluster, gpu_nodes: tuple[FakeNode, ...], helm: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     work = tmp_path_factory.mktemp("operator")
-    release, system = f"ps-{uuid.uuid4().hex[:6]}", f"pipeshift-system-{uuid.uuid4().hex[:6]}"
-    values = work / "values.yaml"
-    # No node carries this label: the chart's operator pod stays Pending (see the module docstring).
-    values.write_text(yaml.safe_dump({"nodeSelector": {"e2e.pipeshift.dev/no-such-node": "true"},
-                                      "logLevel": "debug"}))
-    subprocess.run([str(helm), "install", release, str(CHART), "--namespace", system, "--create-namespace",
-                    "--values", str(values)], check=True, capture_output=True, text=True, env=cluster.env,
-                   timeout=180)
-    try:
-        for crd in ("llmpipelines.pipeshift.dev", "autoscalingpolicies.pipeshift.dev"):
-            cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
-        account = release if "pipeshift" in release else f"{release}-pipeshift"
-        token = _service_account_token(cluster, system, account)
-        kubeconfig = cluster.token_kubeconfig(token, work / "operator.kubeconfig", namespace=system)
+    with installed_chart(cluster, helm, work, {"logLevel": "debug"}) as kubeconfig:
         log = work / "operator.log"
         proc = Managed("operator", [str(Path(sys.executable).parent / "pipeshift"), "operator", "--all-namespaces",
                                     "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--log-level", "debug",
@@ -102,6 +90,26 @@ def operator(cluster: Cluster, gpu_nodes: tuple[FakeNode, ...], helm: Path,
             yield Operator(proc, found[0])
         finally:
             proc.stop(grace=15)
+
+
+@contextmanager
+def installed_chart(cluster: Cluster, helm: Path, work: Path, values: dict[str, Any] | None = None) -> Iterator[Path]:
+    """helm install the chart (with `values` on top) and yield a kubeconfig with its ServiceAccount's token;
+    uninstall after. No node carries the chart's node selector: its operator pod stays Pending (see the module
+    docstring) and the tests run `pipeshift operator` beside the bed with that token instead."""
+    release, system = f"ps-{uuid.uuid4().hex[:6]}", f"pipeshift-system-{uuid.uuid4().hex[:6]}"
+    values_file = work / "values.yaml"
+    pinned_nowhere = {"nodeSelector": {"e2e.pipeshift.dev/no-such-node": "true"}}
+    values_file.write_text(yaml.safe_dump(pinned_nowhere | (values or {})))
+    subprocess.run([str(helm), "install", release, str(CHART), "--namespace", system, "--create-namespace",
+                    "--values", str(values_file)], check=True, capture_output=True, text=True, env=cluster.env,
+                   timeout=180)
+    try:
+        for crd in ("llmpipelines.pipeshift.dev", "autoscalingpolicies.pipeshift.dev"):
+            cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        account = release if "pipeshift" in release else f"{release}-pipeshift"
+        token = _service_account_token(cluster, system, account)
+        yield cluster.token_kubeconfig(token, work / "operator.kubeconfig", namespace=system)
     finally:
         subprocess.run([str(helm), "uninstall", release, "--namespace", system], capture_output=True,
                        env=cluster.env, timeout=120)

@@ -20,14 +20,20 @@ from typing import Any, TypeVar
 import aiohttp
 import torch
 
-from pipeshift.api import Layout
+from pipeshift.api import Layout, StagePlan
 from pipeshift.control import ReconfigReport, tokens_recomputed
-from pipeshift.local.processes import http_json
+from pipeshift.local.processes import LocalAgents, http_json, start_agents
+from pipeshift.runtime.frontend.background import BackgroundFrontend
+from pipeshift.runtime.frontend.config import FrontendConfig
+from pipeshift.runtime.frontend.served_model import ServedModel
 from pipeshift.runtime.model.checkpoint import ModelDir
 from pipeshift.runtime.pipeline import Pipeline
 
 T = TypeVar("T")
 HOOK_TIMEOUT_S = 60.0
+# The tokens, the finish reason and the arrival time of each token of one greedy request.
+Result = tuple[list[int], str | None, list[float]]
+Requests = list[tuple[list[int], int]]
 
 
 @dataclass
@@ -185,3 +191,95 @@ def recomputed(urls: list[str], reports: list[ReconfigReport], requests: list[St
     counted = [int(stats(url, token)["layer_tokens_computed"]) for url in urls]
     counted += [int(s["layer_tokens_computed"]) for report in reports for s in report.departed_stats.values()]
     return tokens_recomputed(counted, [(len(r.prompt), len(r.tokens)) for r in requests], num_layers)
+
+
+async def stream_tokens(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
+                        seen: list[int] | None = None, clock: Callable[[], float] = time.time) -> Result:
+    """A greedy request that may stop at EOS: its tokens, finish reason and the `clock()` arrival time of each
+    token; an error status or event fails the test. Appends each event's token count to `seen` (so a caller
+    can wait until tokens flow)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
+    tokens: list[int] = []
+    arrived: list[float] = []
+    finish = None
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                event = json.loads(line[len("data: "):])
+                assert "error" not in event, event
+                choice = event["choices"][0]
+                got = choice.get("token_ids") or []
+                tokens += got
+                arrived += [clock()] * len(got)
+                if seen is not None:
+                    seen.append(len(got))
+                finish = choice.get("finish_reason") or finish
+    return tokens, finish, arrived
+
+
+def eos_oracle(model_dir: Path) -> Callable[[list[int], int], list[int]]:
+    """Greedy tokens of the in-process engine in float64, all layers in one process, stopping at EOS."""
+    model = ModelDir(model_dir)
+    engine = Pipeline(model, Layout.parse(str(model.config.num_layers)), dtype=torch.float64)
+    eos = ServedModel.load(model_dir).config.eos_token_ids
+    return lambda prompt, max_tokens: engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+
+
+def assert_all_match(requests: Requests, results: list[Result], oracle: Callable[[list[int], int], list[int]]) -> None:
+    """Every request ended (`stop` or `length`) with exactly the oracle's tokens."""
+    for (prompt, max_tokens), (tokens, finish, _) in zip(requests, results, strict=True):
+        assert finish in ("stop", "length")
+        assert tokens == oracle(prompt, max_tokens)
+
+
+class AgentsBehindFrontend:
+    """float64 agent processes for `layout` behind an in-process frontend, plus the agents a change starts."""
+
+    def __init__(self, model_dir: Path, layout: str, kv_bytes: int) -> None:
+        self.model_dir, self.kv_bytes = model_dir, kv_bytes
+        self.base = start_agents(model_dir, layout, dtype="float64", kv_bytes=kv_bytes, threads=1)
+        self.extra: dict[int, LocalAgents] = {}
+        self.urls = {a.stage_id: a.control_url for a in self.base.agents}
+        config = FrontendConfig(model_dir=model_dir, port=0,
+                                stages=tuple(f"{a.host}:{a.control_port}" for a in self.base.agents))
+        self.frontend = BackgroundFrontend(config)
+
+    def start_stage(self, stage: StagePlan, kv_bytes: int | None = None) -> str:
+        """The orchestrator's callback for a stage it adds (with this pipeline's KV budget unless given)."""
+        budget = self.kv_bytes if kv_bytes is None else kv_bytes
+        started = start_agents(self.model_dir, [stage], dtype="float64", kv_bytes=budget, threads=1)
+        self.extra[stage.stage_id] = started
+        self.urls[stage.stage_id] = started.agents[0].control_url
+        return self.urls[stage.stage_id]
+
+    def stop_stage(self, stage_id: int) -> None:
+        if stage_id in self.extra:
+            self.extra.pop(stage_id).stop()
+        else:
+            self.base.process(stage_id).terminate()
+
+    def get(self, stage_id: int, path: str) -> dict[str, Any]:
+        return http_json(self.urls[stage_id] + path)[1]
+
+    def stats(self, stage_id: int) -> dict[str, Any]:
+        return self.get(stage_id, "/stats")
+
+    def info(self, stage_id: int) -> dict[str, Any]:
+        return self.get(stage_id, "/info")
+
+    def recomputed(self, report: ReconfigReport, requests: Requests, results: list[Result], stage_ids: list[int],
+                   num_layers: int) -> int:
+        """(position, layer) pairs computed more than the requests needed, by the stages `stage_ids` and the
+        stages the change removed (their counters read before they stopped)."""
+        counted = [self.stats(sid)["layer_tokens_computed"] for sid in stage_ids]
+        counted += [stats["layer_tokens_computed"] for stats in report.departed_stats.values()]
+        lengths = [(len(prompt), len(tokens)) for (prompt, _), (tokens, _, _) in zip(requests, results, strict=True)]
+        return tokens_recomputed(counted, lengths, num_layers)
+
+    def close(self) -> None:
+        self.frontend.stop()
+        for agents in self.extra.values():
+            agents.stop()
+        self.base.stop()

@@ -7,28 +7,21 @@ before its commit leaves the old layout serving.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import torch
+from _streaming import AgentsBehindFrontend, Result, assert_all_match, eos_oracle, stream_tokens
 
-from pipeshift.api import Layout, StagePlan, plan_moves
-from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure, tokens_recomputed
+from pipeshift.api import Layout, plan_moves
+from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure
 from pipeshift.errors import UserError
-from pipeshift.local.processes import LocalAgents, http_json, start_agents
-from pipeshift.runtime.frontend.background import BackgroundFrontend
-from pipeshift.runtime.frontend.config import FrontendConfig
-from pipeshift.runtime.frontend.served_model import ServedModel
-from pipeshift.runtime.model.checkpoint import ModelDir
+from pipeshift.local.processes import http_json
 from pipeshift.runtime.model.make_model import make_model
-from pipeshift.runtime.pipeline import Pipeline
 
 VOCAB = 300
 LAYERS = 8
@@ -44,46 +37,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def oracle(model_dir: Path) -> Callable[[list[int], int], list[int]]:
-    engine = Pipeline(ModelDir(model_dir), Layout.parse("8"), dtype=torch.float64)
-    eos = ServedModel.load(model_dir).config.eos_token_ids
-    return lambda prompt, max_tokens: engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+    return eos_oracle(model_dir)
 
 
-class Pipeline4x4:
+class Pipeline4x4(AgentsBehindFrontend):
     """A `4,4` pipeline of agent processes behind a frontend, plus the agents a change starts."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.model_dir = model_dir
-        self.base = start_agents(model_dir, "4,4", dtype="float64", kv_bytes=KV_BYTES, threads=1)
-        self.extra: dict[int, LocalAgents] = {}
-        config = FrontendConfig(model_dir=model_dir, port=0,
-                                stages=tuple(f"{a.host}:{a.control_port}" for a in self.base.agents))
-        self.frontend = BackgroundFrontend(config)
-        self.urls = {a.stage_id: a.control_url for a in self.base.agents}
-
-    def start_stage(self, stage: StagePlan, kv_bytes: int = KV_BYTES) -> str:
-        started = start_agents(self.model_dir, [stage], dtype="float64", kv_bytes=kv_bytes, threads=1)
-        self.extra[stage.stage_id] = started
-        self.urls[stage.stage_id] = started.agents[0].control_url
-        return started.agents[0].control_url
-
-    def stop_stage(self, stage_id: int) -> None:
-        if stage_id in self.extra:
-            self.extra.pop(stage_id).stop()
-        else:
-            self.base.process(stage_id).terminate()
-
-    def stats(self, stage_id: int) -> dict[str, Any]:
-        return http_json(self.urls[stage_id] + "/stats")[1]
-
-    def info(self, stage_id: int) -> dict[str, Any]:
-        return http_json(self.urls[stage_id] + "/info")[1]
-
-    def close(self) -> None:
-        self.frontend.stop()
-        for agents in self.extra.values():
-            agents.stop()
-        self.base.stop()
+        super().__init__(model_dir, "4,4", KV_BYTES)
 
 
 @pytest.fixture
@@ -93,31 +54,6 @@ def pipeline(model_dir: Path) -> Iterator[Pipeline4x4]:
         yield running
     finally:
         running.close()
-
-
-Result = tuple[list[int], str | None, list[float]]
-
-
-async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                 seen: list[int]) -> Result:
-    """The tokens, the finish reason and the wall-clock arrival time of each token."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
-    tokens: list[int] = []
-    arrived: list[float] = []
-    finish = None
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: {"):
-                event = json.loads(line[len("data: "):])
-                assert "error" not in event, event
-                choice = event["choices"][0]
-                tokens += choice.get("token_ids") or []
-                arrived += [time.time()] * len(choice.get("token_ids") or [])
-                seen.append(len(choice.get("token_ids") or []))
-                finish = choice.get("finish_reason") or finish
-    return tokens, finish, arrived
 
 
 def change_under_load(pipeline: Pipeline4x4, change: Callable[[], ReconfigReport], seed: int,
@@ -136,26 +72,19 @@ def change_under_load(pipeline: Pipeline4x4, change: Callable[[], ReconfigReport
         url = pipeline.frontend.url
         seen: list[int] = []
         async with aiohttp.ClientSession() as session:
-            streams = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in requests]
+            streams = [asyncio.create_task(stream_tokens(session, url, p, n, seen)) for p, n in requests]
             while sum(seen) < 12:
                 await asyncio.sleep(0.01)
             changing = asyncio.create_task(asyncio.to_thread(change))
             while not changing.done():
                 await asyncio.sleep(0.05 if len(requests) == 6 else 0.3)
                 requests.append(draw(40, 90))
-                streams.append(asyncio.create_task(stream(session, url, *requests[-1], seen)))
+                streams.append(asyncio.create_task(stream_tokens(session, url, *requests[-1], seen)))
             report = await changing
             return report, list(await asyncio.gather(*streams))
 
     report, results = asyncio.run(scenario())
     return report, requests, results
-
-
-def assert_all_match(requests: list[tuple[list[int], int]], results: list[Result],
-                     oracle: Callable[[list[int], int], list[int]]) -> None:
-    for (prompt, max_tokens), (tokens, finish, _) in zip(requests, results, strict=True):
-        assert finish in ("stop", "length")
-        assert tokens == oracle(prompt, max_tokens)
 
 
 def assert_holds_exactly(pipeline: Pipeline4x4, layout: Layout) -> None:
@@ -169,10 +98,7 @@ def assert_holds_exactly(pipeline: Pipeline4x4, layout: Layout) -> None:
 
 def recomputed(pipeline: Pipeline4x4, report: ReconfigReport, requests: list[tuple[list[int], int]],
                results: list[Result], stage_ids: list[int]) -> int:
-    counted = [pipeline.stats(sid)["layer_tokens_computed"] for sid in stage_ids]
-    counted += [stats["layer_tokens_computed"] for stats in report.departed_stats.values()]
-    lengths = [(len(prompt), len(tokens)) for (prompt, _), (tokens, _, _) in zip(requests, results, strict=True)]
-    return tokens_recomputed(counted, lengths, LAYERS)
+    return pipeline.recomputed(report, requests, results, stage_ids, LAYERS)
 
 
 def live_kv_bytes_at_switch(pipeline: Pipeline4x4, report: ReconfigReport, requests: list[tuple[list[int], int]],

@@ -9,35 +9,27 @@ switch still works.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import torch
+from _streaming import AgentsBehindFrontend, Requests, Result, assert_all_match, eos_oracle, stream_tokens
 
-from pipeshift.api import Layout, StagePlan, plan_moves
-from pipeshift.control import ReconfigReport, reconfigure, tokens_recomputed
-from pipeshift.local.processes import LocalAgents, http_json, start_agents
+from pipeshift.api import Layout, plan_moves
+from pipeshift.control import ReconfigReport, reconfigure
+from pipeshift.local.processes import http_json
 from pipeshift.runtime.agent.pusher import DELAY_ENV
-from pipeshift.runtime.frontend.background import BackgroundFrontend
-from pipeshift.runtime.frontend.config import FrontendConfig
-from pipeshift.runtime.frontend.served_model import ServedModel
-from pipeshift.runtime.model.checkpoint import ModelDir
 from pipeshift.runtime.model.make_model import make_model
-from pipeshift.runtime.pipeline import Pipeline
 
 VOCAB = 300
 LAYERS = 8
 KV_BYTES = 8 << 20
-Result = tuple[list[int], str | None, list[float]]
-Requests = list[tuple[list[int], int]]
 
 
 @pytest.fixture(scope="module")
@@ -49,49 +41,20 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def oracle(model_dir: Path) -> Callable[[list[int], int], list[int]]:
-    engine = Pipeline(ModelDir(model_dir), Layout.parse("8"), dtype=torch.float64)
-    eos = ServedModel.load(model_dir).config.eos_token_ids
-    return lambda prompt, max_tokens: engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+    return eos_oracle(model_dir)
 
 
-class Running:
+class Running(AgentsBehindFrontend):
     """Agent processes for `layout` behind a frontend, plus the agents a change starts."""
 
     def __init__(self, model_dir: Path, layout: str) -> None:
-        self.model_dir = model_dir
-        self.base = start_agents(model_dir, layout, dtype="float64", kv_bytes=KV_BYTES, threads=1)
-        self.extra: dict[int, LocalAgents] = {}
-        self.urls = {a.stage_id: a.control_url for a in self.base.agents}
-        config = FrontendConfig(model_dir=model_dir, port=0,
-                                stages=tuple(f"{a.host}:{a.control_port}" for a in self.base.agents))
-        self.frontend = BackgroundFrontend(config)
-
-    def start_stage(self, stage: StagePlan) -> str:
-        started = start_agents(self.model_dir, [stage], dtype="float64", kv_bytes=KV_BYTES, threads=1)
-        self.extra[stage.stage_id] = started
-        self.urls[stage.stage_id] = started.agents[0].control_url
-        return self.urls[stage.stage_id]
-
-    def stop_stage(self, stage_id: int) -> None:
-        if stage_id in self.extra:
-            self.extra.pop(stage_id).stop()
-        else:
-            self.base.process(stage_id).terminate()
-
-    def get(self, stage_id: int, path: str) -> dict[str, Any]:
-        return http_json(self.urls[stage_id] + path)[1]
+        super().__init__(model_dir, layout, KV_BYTES)
 
     def change(self, to: str, switch: str = "epoch") -> Callable[[], ReconfigReport]:
         current = Layout.parse(",".join(str(a.end - a.start) for a in self.base.agents))
         plan = plan_moves(current, Layout.parse(to))
         return lambda: reconfigure(self.frontend.url, dict(self.urls), plan, start_stage=self.start_stage,
                                    stop_stage=self.stop_stage, switch=switch)
-
-    def close(self) -> None:
-        self.frontend.stop()
-        for agents in self.extra.values():
-            agents.stop()
-        self.base.stop()
 
 
 @pytest.fixture
@@ -101,28 +64,6 @@ def running(model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Running
         yield pipeline
     finally:
         pipeline.close()
-
-
-async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                 seen: list[int]) -> Result:
-    """Tokens, finish reason and the wall-clock arrival time of each token (no error event allowed)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
-    tokens: list[int] = []
-    arrived: list[float] = []
-    finish = None
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: {"):
-                event = json.loads(line[len("data: "):])
-                assert "error" not in event, event
-                got = event["choices"][0].get("token_ids") or []
-                tokens += got
-                arrived += [time.time()] * len(got)
-                seen.append(len(got))
-                finish = event["choices"][0].get("finish_reason") or finish
-    return tokens, finish, arrived
 
 
 def under_load(url: str, change: Callable[[], ReconfigReport], seed: int) -> tuple[ReconfigReport, Requests,
@@ -139,25 +80,19 @@ def under_load(url: str, change: Callable[[], ReconfigReport], seed: int) -> tup
     async def scenario() -> tuple[ReconfigReport, list[Result]]:
         seen: list[int] = []
         async with aiohttp.ClientSession() as session:
-            streams = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in requests]
+            streams = [asyncio.create_task(stream_tokens(session, url, p, n, seen)) for p, n in requests]
             while sum(seen) < 12:
                 await asyncio.sleep(0.01)
             changing = asyncio.create_task(asyncio.to_thread(change))
             while not changing.done():
                 await asyncio.sleep(0.03)
                 requests.append(draw(20, 60))
-                streams.append(asyncio.create_task(stream(session, url, *requests[-1], seen)))
+                streams.append(asyncio.create_task(stream_tokens(session, url, *requests[-1], seen)))
             report = await changing
             return report, list(await asyncio.gather(*streams))
 
     report, results = asyncio.run(scenario())
     return report, requests, results
-
-
-def check_exact(requests: Requests, results: list[Result], oracle: Callable[[list[int], int], list[int]]) -> None:
-    for (prompt, max_tokens), (tokens, finish, _) in zip(requests, results, strict=True):
-        assert finish in ("stop", "length")
-        assert tokens == oracle(prompt, max_tokens)
 
 
 def check_holds_exactly(running: Running, layout: Layout) -> None:
@@ -186,10 +121,7 @@ def check_nothing_reserved(running: Running, layout: Layout) -> None:
 
 def recomputed(running: Running, report: ReconfigReport, requests: Requests, results: list[Result],
                layout: Layout) -> int:
-    counted = [running.get(s.stage_id, "/stats")["layer_tokens_computed"] for s in layout]
-    counted += [stats["layer_tokens_computed"] for stats in report.departed_stats.values()]
-    lengths = [(len(prompt), len(tokens)) for (prompt, _), (tokens, _, _) in zip(requests, results, strict=True)]
-    return tokens_recomputed(counted, lengths, LAYERS)
+    return running.recomputed(report, requests, results, [s.stage_id for s in layout], LAYERS)
 
 
 def live_moved_kv(running: Running, report: ReconfigReport, requests: Requests, results: list[Result],
@@ -219,7 +151,7 @@ def test_an_epoch_switch_under_streaming_load_is_exact_loses_nothing_and_never_s
     report, requests, results = under_load(running.frontend.url, change, seed=len(to) + len(plan.old))
     assert report.outcome == "committed", report.error
     assert report.switch == "epoch" and report.error is None
-    check_exact(requests, results, oracle)
+    assert_all_match(requests, results, oracle)
     assert report.epoch == 1 and running.frontend.frontend.scheduler.epoch == 1
     # Old-epoch batches were still in flight when the new epoch was armed; the frontend paused only for its
     # arm's critical section (no drain: nothing like a pipeline cycle).
@@ -248,7 +180,7 @@ def test_a_late_final_delta_holds_the_new_epoch_batch_at_the_fence_and_the_outpu
     try:
         report, requests, results = under_load(running.frontend.url, running.change("3,3,2"), seed=11)
         assert report.outcome == "committed", report.error
-        check_exact(requests, results, oracle)
+        assert_all_match(requests, results, oracle)
         plan = plan_moves(Layout.parse("4,4"), Layout.parse("3,3,2"))
         stats = running.get(plan.added[0], "/stats")
         assert report.fence_waits >= 1 and stats["fence_waits"] >= 1
@@ -280,7 +212,7 @@ def test_an_arm_the_frontend_refuses_aborts_and_the_old_layout_serves_on_untouch
     report, requests, results = under_load(url, refused, seed=5)
     assert report.outcome == "aborted" and "gate is held" in (report.error or ""), report.error
     assert "arming" in report.phases_ms and "committing" not in report.phases_ms
-    check_exact(requests, results, oracle)
+    assert_all_match(requests, results, oracle)
     assert not running.extra
     check_holds_exactly(running, Layout.parse("4,4"))
     assert [running.get(s, "/info")["epoch"] for s in (0, 1)] == [0, 0]
@@ -293,7 +225,7 @@ def test_the_drain_switch_still_works(running: Running, oracle: Callable[[list[i
     report, requests, results = under_load(running.frontend.url, running.change("3,3,2", switch="drain"), seed=9)
     assert report.outcome == "committed", report.error
     assert report.switch == "drain" and "holding" in report.phases_ms and report.pause_ms > 0
-    check_exact(requests, results, oracle)
+    assert_all_match(requests, results, oracle)
     plan = plan_moves(Layout.parse("4,4"), Layout.parse("3,3,2"))
     check_holds_exactly(running, plan.new)
     assert recomputed(running, report, requests, results, plan.new) == 0

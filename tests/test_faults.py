@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-import torch
+from _streaming import Result, assert_all_match, eos_oracle, stream_tokens
 
 from pipeshift.api import Layout, ReconfigPlan, StagePlan, plan_moves
 from pipeshift.control import ReconfigReport, SwitchBudget, reconfigure, tokens_recomputed
@@ -49,9 +49,6 @@ from pipeshift.runtime.faults import (
 )
 from pipeshift.runtime.frontend.background import BackgroundFrontend
 from pipeshift.runtime.frontend.config import FrontendConfig
-from pipeshift.runtime.frontend.served_model import ServedModel
-from pipeshift.runtime.model.checkpoint import ModelDir
-from pipeshift.runtime.pipeline import Pipeline
 
 VOCAB = 300
 LAYERS = 8
@@ -123,9 +120,7 @@ def model_dir(model_factory: Callable[..., Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def oracle(model_dir: Path) -> Callable[[list[int], int], list[int]]:
-    engine = Pipeline(ModelDir(model_dir), Layout.parse("8"), dtype=torch.float64)
-    eos = ServedModel.load(model_dir).config.eos_token_ids
-    return lambda prompt, max_tokens: engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+    return eos_oracle(model_dir)
 
 
 def clean_env() -> dict[str, str]:
@@ -232,29 +227,6 @@ class CounterWatch:
         return self.last
 
 
-Result = tuple[list[int], str | None, list[float]]
-
-
-async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> Result:
-    """The tokens, the finish reason and the arrival time of each token (an error event fails the test)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
-    tokens: list[int] = []
-    arrived: list[float] = []
-    finish = None
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: {"):
-                event = json.loads(line[len("data: "):])
-                assert "error" not in event, event
-                choice = event["choices"][0]
-                tokens += choice.get("token_ids") or []
-                arrived += [time.monotonic()] * len(choice.get("token_ids") or [])
-                finish = choice.get("finish_reason") or finish
-    return tokens, finish, arrived
-
-
 @dataclass
 class Run:
     report: ReconfigReport
@@ -282,7 +254,8 @@ def change_under_load(url: str, change: Callable[[], ReconfigReport], seed: int)
 
     async def scenario() -> Run:
         async with aiohttp.ClientSession() as session:
-            streams = [asyncio.create_task(stream(session, url, p, n)) for p, n in requests]
+            streams = [asyncio.create_task(stream_tokens(session, url, p, n, clock=time.monotonic))
+                       for p, n in requests]
             while (await asyncio.to_thread(http_json, url + "/control/state"))[1]["running"] < len(streams):
                 assert not any(t.done() for t in streams)
                 await asyncio.sleep(0.02)
@@ -293,7 +266,8 @@ def change_under_load(url: str, change: Callable[[], ReconfigReport], seed: int)
                 await asyncio.sleep(0.1)
                 if sum(not t.done() for t in streams) < STREAMING:
                     requests.append(draw(40, 100))
-                    streams.append(asyncio.create_task(stream(session, url, *requests[-1])))
+                    streams.append(asyncio.create_task(stream_tokens(session, url, *requests[-1],
+                                                                     clock=time.monotonic)))
             report = await changing
             ended = time.monotonic()
             return Run(report, requests, list(await asyncio.gather(*streams)), started, ended)
@@ -302,9 +276,7 @@ def change_under_load(url: str, change: Callable[[], ReconfigReport], seed: int)
 
 
 def assert_exact(run: Run, oracle: Callable[[list[int], int], list[int]]) -> None:
-    for (prompt, max_tokens), (tokens, finish, _) in zip(run.requests, run.results, strict=True):
-        assert finish in ("stop", "length")
-        assert tokens == oracle(prompt, max_tokens)
+    assert_all_match(run.requests, run.results, oracle)
 
 
 def assert_holds_exactly(pipeline: FaultyPipeline, layout: Layout, epoch: int) -> None:

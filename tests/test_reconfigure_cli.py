@@ -18,11 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import torch
-
-from pipeshift.api import Layout
-from pipeshift.runtime.frontend.served_model import ServedModel
-from pipeshift.runtime.model.checkpoint import ModelDir
-from pipeshift.runtime.pipeline import Pipeline
+from _streaming import Result, assert_all_match, eos_oracle, stream_tokens
 
 ENV = os.environ | {"PIPESHIFT_THREADS": "1"}
 CLI = [sys.executable, "-m", "pipeshift.cli"]
@@ -50,23 +46,6 @@ def served(model: Path) -> Iterator[tuple[str, str]]:
         proc.wait(timeout=60)
 
 
-async def stream(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                 seen: list[int]) -> tuple[list[int], str | None]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "return_token_ids": True}
-    tokens: list[int] = []
-    finish = None
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: {"):
-                choice = json.loads(line[len("data: "):])["choices"][0]
-                tokens += choice.get("token_ids") or []
-                seen.append(len(choice.get("token_ids") or []))
-                finish = choice.get("finish_reason") or finish
-    return tokens, finish
-
-
 def reconfigure(frontend: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, "reconfigure", "--frontend", frontend, *args], capture_output=True, text=True,
                           env=ENV, timeout=300)
@@ -79,10 +58,10 @@ def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_tok
     rng = random.Random(7)
     requests = [([rng.randrange(2, 300) for _ in range(rng.randint(3, 20))], rng.randint(200, 300)) for _ in range(5)]
 
-    async def scenario() -> tuple[subprocess.CompletedProcess[str], list[tuple[list[int], str | None]]]:
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], list[Result]]:
         seen: list[int] = []
         async with aiohttp.ClientSession() as session:
-            tasks = [asyncio.create_task(stream(session, url, p, n, seen)) for p, n in requests]
+            tasks = [asyncio.create_task(stream_tokens(session, url, p, n, seen)) for p, n in requests]
             while sum(seen) < 10:
                 await asyncio.sleep(0.01)
             done = await asyncio.to_thread(reconfigure, url, "--to", "1,3", "--json")
@@ -93,11 +72,7 @@ def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_tok
     answer = json.loads(done.stdout)
     assert answer["layout"] == "1,3" and answer["report"]["outcome"] == "committed"
     assert answer["report"]["kv_bytes_moved"] > 0 and answer["report"]["switch"] == "epoch"  # the default
-    engine = Pipeline(ModelDir(model), Layout.parse("4"), dtype=torch.float64)
-    eos = ServedModel.load(model).config.eos_token_ids
-    for (prompt, max_tokens), (tokens, finish) in zip(requests, results, strict=True):
-        assert finish in ("stop", "length")
-        assert tokens == engine.generate([prompt], max_tokens, stop_ids=eos)[0]
+    assert_all_match(requests, results, eos_oracle(model))
     back = reconfigure(url, "--to", "2,2", "--switch", "drain")  # `--switch` reaches the change; back to 2,2
     assert back.returncode == 0, back.stdout + back.stderr
     assert re.search(r"^switch\s+drain$", back.stdout, re.M) and re.search(r"^layout now\s+2,2$", back.stdout, re.M)

@@ -72,16 +72,22 @@ def recover_frontend(run: _Run, layout: Layout, epoch: int | None) -> None:
     run.report.requests_reprefilled += int(answer["requests_reprefilled"])
 
 
+def _restart_dead(run: _Run, layout: Layout) -> list[int]:
+    """The stages of `layout` that died, started again in their `layout` range; none when stages cannot be
+    started here."""
+    if run.start_stage is None or run.stop_stage is None:
+        return []
+    crashed = dead_stages(run, [s.stage_id for s in layout])
+    if crashed:
+        restart(run, layout, crashed)
+    return crashed
+
+
 def back_past_crash(run: _Run) -> bool:
     """After an abort: the old layout's stages that died are started again and the frontend serves through
     them; False when none died (or stages cannot be started here)."""
-    old = [s.stage_id for s in run.plan.old]
-    if run.start_stage is None or run.stop_stage is None:
+    if not _restart_dead(run, run.plan.old):
         return False
-    crashed = dead_stages(run, old)
-    if not crashed:
-        return False
-    restart(run, run.plan.old, crashed)
     recover_frontend(run, run.plan.old, None)
     return True
 
@@ -90,12 +96,9 @@ def forward_past_crash(run: _Run) -> bool:
     """After the commit point: start the new layout's stages that died in their new range, finish the change
     on the others and serve through all of them; False when none died (the failure is something else)."""
     new = [s.stage_id for s in run.plan.new]
-    if run.start_stage is None or run.stop_stage is None:
-        return False
-    crashed = dead_stages(run, new)
+    crashed = _restart_dead(run, run.plan.new)
     if not crashed:
         return False
-    restart(run, run.plan.new, crashed)
     downstream = dict(zip(new, [run.data[sid] for sid in new[1:]] + [run.return_address], strict=True))
     for sid in crashed:
         stage = run.plan.new.stage(sid)

@@ -111,10 +111,10 @@ class Event:
     message: str
 
 
-@dataclass(frozen=True)
-class Create:
+class _Manifested:
+    """An action that writes a whole manifest: its kind and name are the manifest's."""
+
     manifest: Mapping[str, Any]
-    event: Event | None = None
 
     @property
     def kind(self) -> str:
@@ -126,19 +126,17 @@ class Create:
 
 
 @dataclass(frozen=True)
-class Update:
+class Create(_Manifested):
+    manifest: Mapping[str, Any]
+    event: Event | None = None
+
+
+@dataclass(frozen=True)
+class Update(_Manifested):
     """Replace an object's spec (the frontend Deployment when the stage addresses change)."""
 
     manifest: Mapping[str, Any]
     event: Event | None = None
-
-    @property
-    def kind(self) -> str:
-        return str(self.manifest["kind"])
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest["metadata"]["name"])
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from pipeshift.runtime.agent.dataplane import DataPlane
-from pipeshift.runtime.agent.epoch_api import ArmBody, FlushBody, RetireBody, arm, flush, retire
+from pipeshift.runtime.agent.epoch_api import ArmBody, FlushBody, RetireBody, arm, flush, retire, seq_ids
 from pipeshift.runtime.agent.idempotency import Answer, IdempotencyCache
 from pipeshift.runtime.agent.reconfig import Reconfigurer
 from pipeshift.runtime.agent.weights import parse_layers, parse_sources, serve_layers, weight_counters
@@ -87,13 +87,6 @@ class AbortBody(_Body):
 
 def _range(layers: list[int]) -> tuple[int, int]:
     return layers[0], layers[1]
-
-
-def _seq_ids(sequences: dict[str, int]) -> dict[int, int]:
-    try:
-        return {int(seq): tokens for seq, tokens in sequences.items()}
-    except ValueError:
-        raise ValueError(f"field 'sequences': keys must be sequence ids (integers), got {sorted(sequences)}") from None
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -251,7 +244,7 @@ class ControlAPI:
     async def _prepare(self, body: PrepareBody) -> Answer:
         sources = parse_sources(body.weight_sources) if body.weights == "source" else None
         answer = await self.reconfig.prepare(
-            body.reconfig_id, body.epoch, _range(body.layers), _seq_ids(body.sequences), body.resize, sources
+            body.reconfig_id, body.epoch, _range(body.layers), seq_ids(body.sequences), body.resize, sources
         )
         return 200, answer
 

@@ -57,7 +57,8 @@ def _range(layers: list[int] | None) -> tuple[int, int] | None:
     return layers[0], layers[1]
 
 
-def _seq_ids(sequences: dict[str, int]) -> dict[int, int]:
+def seq_ids(sequences: dict[str, int]) -> dict[int, int]:
+    """A body's `sequences` map keyed by sequence id (JSON object keys are strings); a bad key names the field."""
     try:
         return {int(seq): tokens for seq, tokens in sequences.items()}
     except ValueError:
@@ -67,7 +68,7 @@ def _seq_ids(sequences: dict[str, int]) -> dict[int, int]:
 async def arm(api: ControlAPI, body: ArmBody) -> Answer:
     answer = await api.reconfig.arm(
         body.reconfig_id, body.epoch, _range(body.old_layers), _range(body.layers), body.downstream,
-        {target: tuple(layers) for target, layers in body.pushes.items()}, _seq_ids(body.sequences), body.resize,
+        {target: tuple(layers) for target, layers in body.pushes.items()}, seq_ids(body.sequences), body.resize,
     )  # fmt: skip
     return 200, answer
 
