@@ -79,17 +79,23 @@ class PhaseWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                phase = str((self._read().get("status") or {}).get("phase"))
-            except Exception:  # a transient API error: look again
-                phase = ""
-            if phase and (not self.phases or self.phases[-1] != phase):
-                self.phases.append(phase)
+            self._observe()
             self._stop.wait(self._interval)
 
+    def _observe(self) -> None:
+        try:
+            phase = str((self._read().get("status") or {}).get("phase"))
+        except Exception:  # a transient API error: look again
+            phase = ""
+        if phase and (not self.phases or self.phases[-1] != phase):
+            self.phases.append(phase)
+
     def stop(self) -> list[str]:
+        """The phases seen, ending with the phase at the time of the call (a last look after the thread ends,
+        so a phase the caller has just waited for is never missed between two polls)."""
         self._stop.set()
         self._thread.join(10)
+        self._observe()
         return self.phases
 
 
