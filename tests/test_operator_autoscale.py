@@ -20,6 +20,7 @@ import yaml
 from test_operator_reconcile import World, body_of, serve
 
 from pipeshift.operator import manifests as m
+from pipeshift.operator import zero as z
 from pipeshift.operator.autoscale import AutoscaleLoop
 from pipeshift.operator.reconcile import Observed, PodView
 from pipeshift.operator.spec import parse_spec
@@ -202,3 +203,79 @@ def test_without_a_running_frontend_the_loop_holds(frontend_metrics: Exposition)
     assert loop.desired("serving/tiny", body, parse_spec(body["spec"]), policy(), Observed(),
                         lambda selector: 8) == (None, [])
     assert kinds == ["hold"] and frontend_metrics.reads == 0
+
+
+KEY = "serving/tiny"
+
+
+def test_the_stabilization_window_and_the_target_survive_an_operator_restart(frontend_metrics: Exposition) -> None:
+    clock = Clock()
+    body = serving_body()
+    spec = parse_spec(body["spec"])
+    slow = policy(scale_up={"stabilization_seconds": 4, "cooldown_seconds": 0})
+
+    def ask(loop: AutoscaleLoop, status: dict[str, Any] | None = None, rules: dict[str, Any] = slow) -> Any:
+        seen = dict(body, status=status if status is not None else body["status"])
+        return loop.desired(KEY, seen, spec, rules, frontend_only(), lambda selector: 8)
+
+    first = AutoscaleLoop(clock=clock)
+    ask(first)  # the first read has no window yet
+    frontend_metrics.loaded = True
+    clock.now += 1
+    assert ask(first) == (None, [])  # the breach starts at 1001
+    saved = first.status_patch(KEY, body["status"])
+    assert saved is not None and saved["autoscaling"]["pendingSince"] == {"breach": 1001.0, "calm": None, "idle": None}
+    assert saved["autoscaling"]["target"] is None and saved["autoscaling"]["switches"] == []
+    without_nulls = {"pendingSince": {"breach": 1001.0}, **{k: v for k, v in saved["autoscaling"].items()
+                                                            if v is not None and k != "pendingSince"}}
+    assert first.status_patch(KEY, {**body["status"], "autoscaling": without_nulls}) is None  # as the server keeps it
+    remembered = {**body["status"], **saved}
+    # The operator restarts: a new loop, the status its predecessor wrote, and one without it.
+    second, amnesiac = AutoscaleLoop(clock=clock), AutoscaleLoop(clock=clock)
+    for at in (1002.0, 1003.5):  # the scrape's first read primes it; then 2.5 s of a 4 s window have passed
+        clock.now = at
+        assert ask(second, remembered) == (None, []) and ask(amnesiac) == (None, [])
+    clock.now = 1005.0
+    layout, events = ask(second, remembered)
+    assert layout is not None and len(layout) == 3
+    (event,) = events
+    assert event.reason == "ScaleUp" and "for 4 s" in event.message  # counted from 1001, before the restart
+    assert ask(amnesiac) == (None, [])  # its window started at 1003.5 and has not lasted 4 s
+    # The target, too: a third process moves to it without deciding again.
+    decided = second.status_patch(KEY, remembered)
+    assert decided is not None and decided["autoscaling"]["target"]["reason"] == event.message
+    assert decided["autoscaling"]["switches"] == [1005.0]
+    third = AutoscaleLoop(clock=clock)
+    clock.now += 1
+    again, events = ask(third, {**body["status"], **decided})
+    assert again == layout and events == [] and third.reason(KEY) == event.message
+    # What was remembered for another policy is not used: its windows start afresh.
+    other = AutoscaleLoop(clock=clock)
+    assert ask(other, {**body["status"], **decided}, policy(scale_up={"stabilization_seconds": 5})) == (None, [])
+    assert other.reason(KEY) is None
+
+
+def test_scale_to_zero_is_decided_by_zero_alone_while_the_autoscaler_only_holds(frontend_metrics: Exposition) -> None:
+    """Both look at the same idle pipeline every second, with a policy that enables scale to zero after 2 s:
+    exactly one release, by `zero`; the loop proposes nothing, posts nothing and spends no switch."""
+    clock, kinds = Clock(), []
+    loop = AutoscaleLoop(clock=clock, decided=kinds.append)
+    body = serving_body()
+    body["spec"]["scaleToZero"] = True
+    spec = parse_spec(body["spec"])
+    idle_policy = policy(scale_to_zero={"enabled": True, "idle_seconds": 2})
+    settings, tracker = z.settings(body["spec"], idle_policy), z.IdleTracker()
+    released = []
+    for _ in range(8):
+        layout, events = loop.desired(KEY, body, spec, idle_policy, frontend_only(), lambda selector: 8)
+        assert layout is None and events == []
+        sample = z.scrape(f"http://{FRONTEND_IP}:{m.FRONTEND_PORT}")
+        assert sample is not None
+        if z.decide(body["status"], settings, sample, tracker.idle_for(KEY, sample, clock.now)) == "scale_to_zero":
+            released.append(clock.now)
+            body["status"]["phase"] = "ScaledToZero"  # what the lifecycle hook writes after releasing
+        clock.now += 1
+    assert released == [1002.0]
+    assert kinds and set(kinds) == {"hold"}
+    state = loop.status_patch(KEY, body["status"])
+    assert state is not None and state["autoscaling"]["switches"] == [] and state["autoscaling"]["target"] is None

@@ -396,20 +396,6 @@ def test_an_invalid_spec_message_changing_is_news_but_a_repeat_is_not() -> None:
     assert "l40s-48gb" in event.message
 
 
-def test_without_a_layout_to_start_from_it_says_so_and_does_nothing() -> None:
-    spec = copy.deepcopy(PINNED["spec"])
-    del spec["layout"]
-    spec["policy"] = "latency-slo"
-    world = World(body_of(spec), policy=None)
-    out = world.step()
-    assert out.actions == [] and out.result == "unsupported" and not out.recheck
-    ready = condition(out, "Ready")
-    assert (ready["reason"], out.status["phase"]) == ("AutoscalingNotAvailable", "Pending")
-    assert "spec.layout" in ready["message"]
-    assert {e.reason for e in out.events} == {"AutoscalingNotAvailable", "PolicyNotFound"}
-    assert world.step().events == [], "said once, not on every re-check"
-
-
 def test_a_referenced_policy_is_validated_against_the_pipelines_pools() -> None:
     spec = copy.deepcopy(PINNED["spec"])
     spec["policy"] = "latency-slo"

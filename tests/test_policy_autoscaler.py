@@ -1,4 +1,5 @@
-"""The decision loop on a fake clock: hysteresis, cooldowns, scale to zero, pins, and the exact proposal counts."""
+"""The decision loop on a fake clock: hysteresis, cooldowns, scale to zero, pins, the exact proposal counts, and its
+timers carried over to a new instance."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeshift.placement import (
     make_pool,
 )
 from pipeshift.policy import Autoscaler, AutoscalingPolicy, Decision, Signals, describe_change
+from pipeshift.policy.autoscaler import AutoscalerTimers
 
 MODEL = ModelProfile("llama-8b", 32, 4096, 32, 8, 128, 14336, 128256)
 POOLS = (make_pool("l4", "l4", 4), make_pool("l40s", "l40s", 4))
@@ -43,6 +45,11 @@ def near_target(rng: random.Random) -> Signals:
     """Measurements wandering within 20 % under every target."""
     return Signals(ttft_p95=TTFT * (1 - 0.2 * rng.random()), tpot_p95=TPOT * (1 - 0.2 * rng.random()),
                    queued=float(rng.randint(0, QUEUE)), **BUSY)
+
+
+def breaching(t: float) -> Signals:
+    """Whatever the layout, TPOT stays 50 % over target."""
+    return Signals(ttft_p95=0.5 * TTFT, tpot_p95=1.5 * TPOT, queued=0.0, **BUSY)
 
 
 class Plant:
@@ -78,8 +85,8 @@ class Plant:
 
 
 def run(scaler: Autoscaler, seconds: float, signals: Callable[[float], Signals],
-        layout: Layout | None) -> list[Decision]:
-    decisions, t = [], 0.0
+        layout: Layout | None, start: float = 0.0) -> list[Decision]:
+    decisions, t = [], start
     while t < seconds:
         d = scaler.step(t, signals(t), layout, move_in_progress=False)
         if d is not None:
@@ -182,9 +189,6 @@ def test_autoscaling_off_never_proposes() -> None:
 
 
 def test_the_switch_budget_caps_changes_per_hour() -> None:
-    def breaching(t: float) -> Signals:  # whatever the layout, TPOT stays 50 % over target
-        return Signals(ttft_p95=0.5 * TTFT, tpot_p95=1.5 * TPOT, queued=0.0, **BUSY)
-
     cluster = (*POOLS, make_pool("h100", "h100-80gb", 4))  # room for a second, faster step
     unlimited = run(Autoscaler(policy(), MODEL, cluster), 3600, breaching, ON_L4)
     limited = run(Autoscaler(policy(reconfiguration={"max_switches_per_hour": 1}), MODEL, cluster), 3600,
@@ -233,3 +237,57 @@ def test_a_change_is_described_by_stage_counts_and_pools() -> None:
 def test_policy_pools_must_exist_in_the_cluster() -> None:
     with pytest.raises(UserError, match="pool 'h100' is not a cluster pool; pools are l4, l40s"):
         Autoscaler(policy(pools=[{"name": "h100"}]), MODEL, POOLS)
+
+
+def test_a_restored_instance_continues_the_stabilization_window() -> None:
+    first = Autoscaler(policy(), MODEL, POOLS)
+    assert run(first, 60, breaching, ON_L4) == []  # breached from 0 s; 60 s are needed
+    timers = first.timers()
+    assert timers == AutoscalerTimers(breach_since=0.0)
+
+    restored, fresh = Autoscaler(policy(), MODEL, POOLS), Autoscaler(policy(), MODEL, POOLS)
+    restored.restore(timers)
+    decision = restored.step(60.0, breaching(60.0), ON_L4, move_in_progress=False)
+    assert decision is not None and decision.kind == "scale_up"
+    assert decision.reason.startswith("TPOT p95 75 ms > 50 ms target for 60 s")
+    assert fresh.step(60.0, breaching(60.0), ON_L4, move_in_progress=False) is None
+    assert fresh.last_reason == "breach not yet sustained"
+
+
+def test_a_restored_instance_keeps_the_switch_budget_until_its_hour_is_over() -> None:
+    one_per_hour = policy(reconfiguration={"max_switches_per_hour": 1})
+    cluster = (*POOLS, make_pool("h100", "h100-80gb", 4))  # room for a second, faster step
+    before = Autoscaler(one_per_hour, MODEL, cluster)
+    (decision,) = run(before, 60 + INTERVAL, breaching, ON_L4)
+    timers = before.timers()
+    assert timers.switches == (decision.at,) and timers.last_change == decision.at
+    assert timers.breach_since is None  # a decision restarts every window
+
+    restored = Autoscaler(one_per_hour, MODEL, cluster)
+    restored.restore(timers)
+    after = run(restored, decision.at + 3600 + 200, breaching, decision.layout, start=decision.at + INTERVAL)
+    assert len(after) == 1 and after[0].at >= decision.at + 3600, [d.at for d in after]
+    fresh = run(Autoscaler(one_per_hour, MODEL, cluster), decision.at + 600, breaching, decision.layout,
+                start=decision.at + INTERVAL)
+    assert len(fresh) == 1 and fresh[0].at < decision.at + 600  # without the timers, the budget is whole
+
+
+def test_timers_round_trip_and_a_fresh_loop_has_none() -> None:
+    scaler = Autoscaler(policy(), MODEL, POOLS)
+    assert scaler.timers() == AutoscalerTimers()
+    saved = AutoscalerTimers(breach_since=10.0, calm_since=None, idle_since=5.0, last_change=3.0,
+                             switches=(1.0, 3.0))
+    scaler.restore(saved)
+    assert scaler.timers() == saved
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"calm_since": float("nan")}, "calm_since must be a finite time in seconds, not nan"),
+    ({"last_change": float("-inf")}, "last_change must be a finite time in seconds, not -inf"),
+    ({"breach_since": True}, "breach_since must be a finite time in seconds, not True"),
+    ({"switches": (1.0, "2")}, r"switches\[1\] must be a finite time in seconds, not '2'"),
+    ({"switches": (5.0, 1.0)}, r"switches must be in time order, oldest first: \[5.0, 1.0\]"),
+])
+def test_bad_timers_are_refused_naming_the_field(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AutoscalerTimers(**fields)  # type: ignore[arg-type]

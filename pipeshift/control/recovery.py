@@ -95,33 +95,42 @@ def back_past_crash(run: _Run) -> bool:
 def forward_past_crash(run: _Run) -> bool:
     """After the commit point: start the new layout's stages that died in their new range, finish the change
     on the others and serve through all of them; False when none died (the failure is something else)."""
-    new = [s.stage_id for s in run.plan.new]
     crashed = _restart_dead(run, run.plan.new)
     if not crashed:
         return False
+    roll_forward(run, crashed)
+    return True
+
+
+def roll_forward(run: _Run, lost: Sequence[int]) -> None:
+    """The change past its commit point without the stages in `lost`, which died: those of the new layout
+    already run again in their new range (`run.clients` and `run.data` point at them) and are committed there;
+    a removed stage that died is only left out. The others finish the change, and the frontend serves through
+    the new layout again, prefilling every live request (counted in `run.report.requests_reprefilled`).
+    Every call repeats the change's request ids, so a caller that repeats this after a crash acts once."""
+    new = [s.stage_id for s in run.plan.new]
     downstream = dict(zip(new, [run.data[sid] for sid in new[1:]] + [run.return_address], strict=True))
-    for sid in crashed:
+    for sid in (sid for sid in lost if sid in downstream):
         stage = run.plan.new.stage(sid)
         run._forward(run.clients[sid], "/reconfig/commit", {
             "request_id": run._id(f"commit-{sid}"), "reconfig_id": run.report.reconfig_id, "epoch": run.epoch,
             "layers": [stage.start, stage.end], "downstream": downstream[sid], "sequences": [],
             "resize": run.budget.resize})  # fmt: skip
-    survivors = [sid for sid in new if sid not in crashed]
+    survivors = [sid for sid in new if sid not in lost]
     if run.report.switch == "epoch":
-        _retire_survivors(run, survivors)
+        _retire_survivors(run, survivors, lost)
     recover_frontend(run, run.plan.new, run.epoch)
     if run.report.switch == "epoch":
         run._forward(run.frontend, "/control/settle", {"request_id": run._id("settle")})
-    return True
 
 
-def _retire_survivors(run: _Run, survivors: list[int]) -> None:
+def _retire_survivors(run: _Run, survivors: list[int], lost: Sequence[int]) -> None:
     """The epoch switch's remaining steps on the stages that did not die (each answers a repeat without
     acting): the old epoch has left the frontend, the sources' pushes are confirmed, the old epoch retires."""
     budget = run.budget
     retire: dict[str, Any] = {"request_id": run._id("retire"), "epoch": run.epoch, "timeout_s": budget.hold_timeout_s}
     run._forward(run.frontend, "/control/retire", retire, budget.hold_timeout_s + budget.call_timeout_s)
-    sources = sorted({p.source for p in run.pairs} - set(run.report.restarted))
+    sources = sorted({p.source for p in run.pairs} - set(lost))
     call_all(lambda sid: run._forward(run.clients[sid], "/reconfig/flush", {
         "request_id": run._id(f"flush-{sid}"), "reconfig_id": run.report.reconfig_id,
         "timeout_s": budget.call_timeout_s / 2}), sources)  # fmt: skip

@@ -8,8 +8,10 @@ id (not random), so repeating a step after a restart repeats the same calls, whi
 frontend answer from their request-id caches instead of acting twice.
 
 Steps, in order: `prepare` → `precopy` → `arm` (agents; still abortable) → `commit` (the frontend arms:
-the point of no return) → `retire` → `cleanup`; `abort` undoes anything before `commit`. Adding and
-removing stage processes is the caller's (pods are created before `prepare`, deleted after `cleanup`).
+the point of no return) → `retire` → `cleanup`; `abort` undoes anything before `commit`; `roll_forward`
+finishes a committed change past stages that died (the caller started them again in their new range).
+Adding and removing stage processes is the caller's (pods are created before `prepare`, deleted after
+`cleanup`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeshift.api import ReconfigPlan, StagePlan
-from pipeshift.control.http import ControlCallError
+from pipeshift.control.http import ControlCallError, call_all
 from pipeshift.control.phases import Phase
-from pipeshift.control.precopy import precopy_done
+from pipeshift.control.precopy import copy_pairs, precopy_done
 from pipeshift.control.reconfigure import SwitchBudget, _Run
-from pipeshift.control.recovery import guard
+from pipeshift.control.recovery import guard, roll_forward
 
 
 def _started_by_caller(stage: StagePlan) -> str:
@@ -94,6 +96,25 @@ class Stepper(_Run):
         self._load()
         self._retire_epoch()
         return self.report.kv_bytes_pushed
+
+    def roll_forward(self, lost: Sequence[int], rearm: bool = False) -> int:
+        """After the commit point, past the stages in `lost`, which died: those of the new layout were started
+        again in their new range at the URLs this stepper was given, a removed one is left out (see
+        `recovery.roll_forward`). Returns the requests the frontend prefilled again. Only the new layout's
+        stages are asked for their data address: a removed stage that died cannot answer. `rearm`: the
+        frontend's arm was not recorded; it is sent again (its request id: answered from the frontend's cache
+        when it armed) for the sequences it saw live."""
+        state = self.frontend.get("/control/state")
+        self.return_address = str(state["return_address"])
+        new = [s.stage_id for s in self.plan.new]
+        infos = call_all(lambda sid: self.clients[sid].get("/info"), new)
+        self.data = {sid: f"{i['data']['host']}:{i['data']['port']}" for sid, i in zip(new, infos, strict=True)}
+        self.pairs = copy_pairs(self.plan)
+        self.report.restarted = [sid for sid in lost if sid in new]
+        if rearm:
+            self._arm_frontend()
+        roll_forward(self, lost)
+        return self.report.requests_reprefilled
 
     def cleanup(self) -> dict[int, dict[str, Any]]:
         """The removed stages' counters (read before the caller stops them); the frontend stops guarding."""

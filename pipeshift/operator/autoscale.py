@@ -10,6 +10,16 @@ Metrics: Prometheus (through `prometheus-api-client`) when the policy names one 
 pods: the frontend's and the agents' `/metrics` by pod IP (a `scrape.url` in the policy is for the local
 tools, where addresses are known in advance; pod IPs are not). Pools: `spec.pools`, each sized by the
 allocatable `nvidia.com/gpu` of the Nodes its `nodeSelector` matches.
+
+The loop's memory survives an operator restart: since when each condition has held (the stabilization
+windows), the last change, the switches of the past hour and the pending target are kept in
+`status.autoscaling` (`status_patch`, written before each pass when it changed) and read back when a new
+process first sees the pipeline. Times are wall-clock seconds, so they mean the same to the next process.
+
+Scale to zero is not decided here: `zero.py` is the one authority (`spec.scaleToZero`, the policy's
+`scale_to_zero.idle_seconds`). The policy reaches the `Autoscaler` with `scale_to_zero` off, so an idle
+pipeline is only a `hold` here: it never proposes releasing the stages, spends a switch on it or restarts
+its windows because of it.
 """
 
 from __future__ import annotations
@@ -22,13 +32,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeshift.api import Layout
+from pipeshift.api import Layout, StagePlan
 from pipeshift.operator import manifests as m
 from pipeshift.operator.reconcile import NORMAL, Event, Observed, current_layout
 from pipeshift.operator.spec import PipelineSpec
 from pipeshift.placement.pools import Pool, make_pool
 from pipeshift.placement.profile import ModelProfile
-from pipeshift.policy.autoscaler import Autoscaler, Decision
+from pipeshift.policy.autoscaler import Autoscaler, AutoscalerTimers, Decision
 from pipeshift.policy.prometheus import PrometheusSource, default_queries
 from pipeshift.policy.schema import AutoscalingPolicy
 from pipeshift.policy.scrape import ScrapeSource
@@ -36,8 +46,8 @@ from pipeshift.policy.source import MetricsSource, MetricsUnavailable
 
 logger = logging.getLogger(__name__)
 
-_REASONS = {"scale_up": "ScaleUp", "scale_down": "ScaleDown", "scale_to_zero": "ScaleToZero",
-            "cold_start": "ColdStart", "pin": "PolicyPin"}
+_REASONS = {"scale_up": "ScaleUp", "scale_down": "ScaleDown", "pin": "PolicyPin"}
+STATUS_KEY = "autoscaling"
 
 
 @dataclass
@@ -50,12 +60,14 @@ class _Pipeline:
     source_key: tuple[str, ...]
     next_read: float = 0.0
     target: Decision | None = None
+    # Restored windows must not be judged on a scrape's first read, which has no rates yet (it would end them).
+    priming: bool = False
 
 
 class AutoscaleLoop:
     """`desired(...)` per pass; `decided(kind)` is told of every decision (the operator's metrics)."""
 
-    def __init__(self, prometheus_url: str | None = None, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, prometheus_url: str | None = None, clock: Callable[[], float] = time.time,
                  decided: Callable[[str], None] | None = None) -> None:
         self.prometheus_url = prometheus_url
         self.clock = clock
@@ -77,10 +89,12 @@ class AutoscaleLoop:
                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
         loop = self._pipelines.get(key)
         if loop is None or loop.digest != digest:
-            parsed = _narrowed(AutoscalingPolicy.model_validate(dict(policy)), pools)
+            parsed = _for_operator(AutoscalingPolicy.model_validate(dict(policy)), pools)
             model = ModelProfile.from_config(config, name=key, source="spec.model.config")
-            loop = _Pipeline(digest, Autoscaler(parsed, model, pools), *self._source(parsed, observed))
-            self._pipelines[key] = loop
+            fresh = _Pipeline(digest, Autoscaler(parsed, model, pools), *self._source(parsed, observed))
+            if loop is None:  # first seen by this process: what its predecessor remembered, for the same policy
+                _restore(fresh, status.get(STATUS_KEY))
+            loop = self._pipelines[key] = fresh
         else:
             wanted = self._source_key(loop.autoscaler.policy, observed)
             if wanted != loop.source_key:  # pods replaced: scrape the new addresses
@@ -98,16 +112,27 @@ class AutoscaleLoop:
             logger.info("%s: metrics unavailable, holding: %s", key, error)
             self.decided("hold")
             return (loop.target.layout if loop.target else None), []
+        if loop.priming:
+            loop.priming = False
+            self.decided("hold")
+            return (loop.target.layout if loop.target else None), []
         decision = loop.autoscaler.step(now, signals, current, moving or loop.target is not None)
         if decision is None:
             self.decided("hold")
             logger.debug("%s: hold: %s", key, loop.autoscaler.last_reason)
             return (loop.target.layout if loop.target else None), []
         self.decided(decision.kind)
-        if decision.layout is None:  # scale to zero is the lifecycle hook's (zero.py), not a layout change
-            return None, [Event(NORMAL, _REASONS.get(decision.kind, "Autoscale"), decision.reason)]
         loop.target = decision
         return decision.layout, [Event(NORMAL, _REASONS.get(decision.kind, "Autoscale"), decision.reason)]
+
+    def status_patch(self, key: str, previous: Mapping[str, Any]) -> dict[str, Any] | None:
+        """`{"autoscaling": ...}` to write when the loop's memory differs from `previous` (the status), else None.
+        Written whole, with explicit nulls, since a merge patch keeps keys it does not name."""
+        loop = self._pipelines.get(key)
+        if loop is None:
+            return None
+        state = _state(loop)
+        return None if _strip(state) == _strip(previous.get(STATUS_KEY)) else {STATUS_KEY: state}
 
     def reason(self, key: str) -> str | None:
         """Why the pending target was chosen (for the change's Event and status)."""
@@ -168,8 +193,10 @@ def _pools(spec: PipelineSpec, gpus: Callable[[Mapping[str, str]], int]) -> list
     return out
 
 
-def _narrowed(policy: AutoscalingPolicy, pools: list[Pool]) -> AutoscalingPolicy:
-    """The policy's allowed pools less those with no GPU on their Nodes now (they cannot be planned on)."""
+def _for_operator(policy: AutoscalingPolicy, pools: list[Pool]) -> AutoscalingPolicy:
+    """The policy as the operator's Autoscaler gets it: scale to zero off (`zero.py` decides that), and the
+    allowed pools less those with no GPU on their Nodes now (they cannot be planned on)."""
+    policy = policy.model_copy(update={"scale_to_zero": policy.scale_to_zero.model_copy(update={"enabled": False})})
     if not policy.pools:
         return policy
     names = {p.name for p in pools}
@@ -177,6 +204,61 @@ def _narrowed(policy: AutoscalingPolicy, pools: list[Pool]) -> AutoscalingPolicy
     if not kept:
         raise MetricsUnavailable(f"policy {policy.name}: none of its pools has an allocatable GPU on a matching Node")
     return policy.model_copy(update={"pools": kept})
+
+
+def _state(loop: _Pipeline) -> dict[str, Any]:
+    """`status.autoscaling`: the loop's memory, in wall-clock seconds (see the module docstring): the
+    Autoscaler's timers and the pending target."""
+    timers, target = loop.autoscaler.timers(), loop.target
+    return {
+        "digest": loop.digest,
+        "pendingSince": {"breach": timers.breach_since, "calm": timers.calm_since, "idle": timers.idle_since},
+        "lastChange": timers.last_change,
+        "switches": list(timers.switches),
+        "target": None if target is None or target.layout is None else {
+            "at": target.at, "kind": target.kind, "reason": target.reason,
+            "stages": [{"stageId": s.stage_id, "pool": s.pool, "layers": [s.start, s.end]} for s in target.layout]},
+    }
+
+
+def _restore(loop: _Pipeline, saved: Any) -> None:
+    """Put `status.autoscaling` back into a new loop, when it was written for the same policy, pools and model
+    (another policy starts its windows afresh). A malformed entry is ignored: the windows start again."""
+    if not isinstance(saved, Mapping) or saved.get("digest") != loop.digest:
+        return
+    scaler = loop.autoscaler
+    try:
+        since = saved.get("pendingSince") or {}
+        timers = AutoscalerTimers(
+            breach_since=_seconds(since.get("breach")), calm_since=_seconds(since.get("calm")),
+            idle_since=_seconds(since.get("idle")), last_change=_seconds(saved.get("lastChange")),
+            switches=tuple(float(t) for t in saved.get("switches") or []))
+        target = saved.get("target")
+        decision = None if not isinstance(target, Mapping) else Decision(
+            float(target["at"]), target["kind"], Layout(tuple(
+                StagePlan(int(s["stageId"]), str(s["pool"]), int(s["layers"][0]), int(s["layers"][1]))
+                for s in target["stages"])), str(target["reason"]), scaler.policy.reconfiguration.strategy)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        logger.warning("status.%s is malformed, the stabilization windows start again: %s", STATUS_KEY, error)
+        return
+    scaler.restore(timers)
+    loop.target = decision
+    loop.priming = isinstance(loop.source, ScrapeSource)
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"not a time in seconds: {value!r}")
+    return float(value)
+
+
+def _strip(value: Any) -> Any:
+    """`value` without null entries, as the API server keeps a merge-patched object."""
+    if isinstance(value, Mapping):
+        return {k: _strip(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _same(a: Layout | None, b: Layout | None) -> bool:

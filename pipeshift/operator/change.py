@@ -16,6 +16,15 @@ From `committing` on, an unfinished phase is **repeated** until it succeeds: the
 its Deployment (metadata only: the running frontend was re-wired by the control calls and is not restarted),
 and writes `status.layout` and `status.lastReconfiguration`.
 
+A stage that dies during the change (its pod Failed, Succeeded, deleted or replaced, or not Ready with its
+agent refusing connections) is seen at the next pass, not only when a call times out. Before the point of no
+return (the frontend has not armed the new epoch) the change **rolls back** (a dead old stage is then the
+restore path's: `restore.py`); after it, the change **rolls forward** (`rollingForward`): the dead stage gets a
+new pod in its *new* range (`status.layout` becomes the new layout at once, so the reconcile pass creates it
+there too), is committed there, the others finish the change and the frontend prefills every live request
+again (`pipeshift.control.recovery.roll_forward`). The decision is written to `status.reconfiguration`
+(`lost`, `phase`) before anything is done about it, and posted as an Event `StageLostDuringChange`.
+
 Fault hook: `PIPESHIFT_OPERATOR_FAULT=<phase>` makes the process exit (status 3) right after writing that
 phase to status, to test the resume and roll-back paths deterministically.
 """
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeshift.api import Layout, ReconfigPlan, StagePlan, plan_moves
+from pipeshift.control.http import ControlCallError, ControlClient
 from pipeshift.control.reconfigure import SwitchBudget
 from pipeshift.control.stepper import Stepper
 from pipeshift.operator import manifests as m
@@ -53,11 +63,14 @@ logger = logging.getLogger(__name__)
 
 PHASES = ("starting", "preparing", "precopying", "arming", "committing", "retiring", "cleaning")
 ROLLING_BACK = "rollingBack"
+ROLLING_FORWARD = "rollingForward"
+_PAST_OLD = ("cleaning", ROLLING_FORWARD)  # the removed stages are no longer needed
 COMMIT_INDEX = PHASES.index("committing")
 FAULT_ENV = "PIPESHIFT_OPERATOR_FAULT"
 FAULT_EXIT = 3
 # New stage pods that are not Ready this long after the change started (unschedulable, crash-looping) roll it back.
 STARTING_TIMEOUT_S = 600.0
+HEALTH_TIMEOUT_S = 2.0  # an agent whose pod is not Ready is asked directly; a refused connection means it is gone
 
 
 def layout_json(layout: Layout) -> dict[str, Any]:
@@ -92,6 +105,8 @@ def next_step(phase: str, finished_here: bool, entered_here: bool) -> str:
     the module docstring. (A phase that *failed* in this process before the commit point rolled back then.)"""
     if phase == ROLLING_BACK:
         return "rollback"
+    if phase == ROLLING_FORWARD:
+        return "rollforward"
     if phase not in PHASES:
         raise ValueError(f"status.reconfiguration.phase: unknown phase {phase!r}")
     if finished_here:
@@ -99,6 +114,70 @@ def next_step(phase: str, finished_here: bool, entered_here: bool) -> str:
     if PHASES.index(phase) < COMMIT_INDEX and not entered_here:
         return "rollback"
     return "repeat"
+
+
+def after_loss(phase: str, armed: bool | None) -> str:
+    """What a change does about a stage that died in `phase`: `rollback` before the point of no return,
+    `forward` after it. In `committing` the point is the frontend's arm: `armed` says whether the frontend
+    serves the new epoch already (None: it could not be asked, so it may have: forward). Pure."""
+    if phase == ROLLING_BACK:
+        return "rollback"
+    if phase == ROLLING_FORWARD:
+        return "forward"
+    if phase not in PHASES:
+        raise ValueError(f"status.reconfiguration.phase: unknown phase {phase!r}")
+    index = PHASES.index(phase)
+    if index == COMMIT_INDEX:
+        return "rollback" if armed is False else "forward"
+    return "rollback" if index < COMMIT_INDEX else "forward"
+
+
+def pod_losses(running: Mapping[str, Any], plan: ReconfigPlan, pipeline: str, observed: Observed,
+               every: bool = False) -> tuple[dict[int, str], list[int]]:
+    """The stages of the change whose agent is gone as the pods show it (stage id → why), and those whose pod
+    is merely not Ready (to ask the agent itself; `every`: all the others). Pure. Stages already in
+    `running['lost']` are not looked at; neither is an added stage while its pod is being started, nor a
+    removed stage once the change no longer needs it (`cleaning`, or rolling forward: it is left out).
+    `running['agents']` (recorded once every pod was Ready) tells a replaced pod by its IP."""
+    phase = str(running.get("phase"))
+    known = {int(k) for k in running.get("lost") or {}}
+    recorded = running.get("agents") or {}
+    pods = {p.name: p for p in observed.pods if p.role == m.ROLE_STAGE}
+    new_ids = {s.stage_id for s in plan.new}
+    lost: dict[int, str] = {}
+    unready: list[int] = []
+    for sid in sorted(({s.stage_id for s in plan.old} | new_ids) - known):
+        if (phase == "starting" and sid in plan.added) or (phase in _PAST_OLD and sid not in new_ids):
+            continue
+        name = m.stage_pod_name(pipeline, sid)
+        pod = pods.get(name)
+        if pod is None:
+            lost[sid] = f"pod {name} is gone"
+        elif pod.finished:
+            lost[sid] = f"pod {name} {pod.phase}"
+        elif pod.deleting:
+            lost[sid] = f"pod {name} is being deleted"
+        elif str(sid) in recorded and pod.pod_ip and _agent_url(pod.pod_ip) != recorded[str(sid)]:
+            lost[sid] = f"pod {name} was replaced (now at {pod.pod_ip})"
+        elif str(sid) in recorded and not pod.pod_ip:
+            lost[sid] = f"pod {name} has no IP (it was replaced)"
+        elif every or not (pod.ready and pod.pod_ip):
+            unready.append(sid)
+    return lost, unready
+
+
+def _agent_url(ip: str) -> str:
+    return f"http://{m.stage_address(ip)}"
+
+
+def agent_gone(url: str, token: str | None) -> bool:
+    """Whether nothing listens at the agent's control port any more (a refused connection); a slow or hung
+    agent is not gone: it is left to the calls' timeouts, as in `pipeshift.control.recovery`."""
+    try:
+        ControlClient(url, token, HEALTH_TIMEOUT_S).get("/health")
+    except ControlCallError as error:
+        return error.status is None and not error.timed_out
+    return False
 
 
 @dataclass
@@ -136,9 +215,15 @@ class ChangeDriver:
                                                       f"{layout_summary(plan.new)} ({reason})"))
             return self._enter(running, PHASES[0], ref, spec, observed, ports, now)
         rid, phase = str(running["id"]), str(running["phase"])
+        if phase != ROLLING_BACK:
+            lost = self._losses(running, ref, observed, ports, probe_all=False)
+            if lost:
+                return self._lost(running, lost, ref, spec, observed, ports, now)
         step = next_step(phase, self.finished.get(rid) == phase, self.entered.get(rid) == phase)
         if step == "rollback":
             return self._rollback(running, ref, observed, ports, now)
+        if step == "rollforward":
+            return self._roll_forward(running, ref, spec, observed, ports, now)
         if step == "repeat":
             return self._run(running, ref, spec, observed, ports, now)
         index = PHASES.index(running["phase"])
@@ -164,6 +249,10 @@ class ChangeDriver:
         try:
             completed = self._step(running, ref, spec, observed, ports)
         except Exception as error:
+            lost = self._losses(running, ref, observed, ports, probe_all=True)
+            if lost:  # the step failed because a stage died: not a timeout to sit out
+                running["error"] = f"{phase}: {error}"
+                return self._lost(running, lost, ref, spec, observed, ports, now)
             if PHASES.index(phase) < COMMIT_INDEX:
                 logger.warning("%s: %s failed, rolling back: %s", running["id"], phase, error)
                 running["error"] = f"{phase}: {error}"
@@ -186,6 +275,9 @@ class ChangeDriver:
         phase = running["phase"]
         if phase == "starting":
             if self._start_pods(plan, ref, spec, observed, ports):
+                pods = {p.name: p for p in observed.pods if p.role == m.ROLE_STAGE and p.pod_ip}
+                running["agents"] = {str(sid): _agent_url(str(pods[m.stage_pod_name(ref.name, sid)].pod_ip))
+                                     for sid in _stage_ids(plan) if m.stage_pod_name(ref.name, sid) in pods}
                 return True
             waited = time.time() - float(running.get("startedUnix") or time.time())
             if waited > STARTING_TIMEOUT_S:
@@ -236,20 +328,32 @@ class ChangeDriver:
                 ready = False
         return ready
 
-    def _stepper(self, running: Mapping[str, Any], plan: ReconfigPlan, ref: PipelineRef, observed: Observed,
-                 ports: Ports) -> Stepper:
+    @staticmethod
+    def _agents(running: Mapping[str, Any], plan: ReconfigPlan, ref: PipelineRef, observed: Observed) -> dict[int, str]:
+        """Each stage's control URL: the agent the change has been talking to (`running['agents']`), except a
+        stage that died during it (`running['lost']`), whose replacement pod is asked; a stage whose pod has no
+        IP and was never recorded raises."""
         pods = {p.name: p for p in observed.pods if not p.deleting}
+        recorded, lost = running.get("agents") or {}, running.get("lost") or {}
         agents: dict[int, str] = {}
-        for sid in sorted({s.stage_id for s in plan.old} | {s.stage_id for s in plan.new}):
+        for sid in _stage_ids(plan):
+            if str(sid) in recorded and str(sid) not in lost:
+                agents[sid] = str(recorded[str(sid)])
+                continue
             pod = pods.get(m.stage_pod_name(ref.name, sid))
             if pod is None or not pod.pod_ip:
                 raise RuntimeError(f"stage {sid}: pod {m.stage_pod_name(ref.name, sid)} has no IP")
-            agents[sid] = f"http://{m.stage_address(pod.pod_ip)}"
+            agents[sid] = _agent_url(pod.pod_ip)
+        return agents
+
+    def _stepper(self, running: Mapping[str, Any], plan: ReconfigPlan, ref: PipelineRef, observed: Observed,
+                 ports: Ports) -> Stepper:
+        agents = self._agents(running, plan, ref, observed)
         frontend = _frontend(observed)
         if frontend is None:
             raise RuntimeError("no running frontend pod to drive the change through")
         epoch = running.get("epoch")
-        return Stepper(f"http://{_host(frontend.pod_ip or '')}:{m.FRONTEND_PORT}", agents, plan, str(running["id"]),
+        return Stepper(_frontend_url(frontend), agents, plan, str(running["id"]),
                        token=ports.token(), budget=self.budget, epoch=None if epoch is None else int(epoch),
                        live=[int(x) for x in running.get("live") or []])
 
@@ -263,8 +367,8 @@ class ChangeDriver:
             ports.patch_status({"reconfiguration": running})
         plan = plan_of(running)
         problems: list[str] = []
-        try:
-            problems = self._stepper(running, plan, ref, observed, ports).abort()
+        try:  # every agent the change talked to, a dead one included (its call fails, and is reported)
+            problems = self._stepper({**running, "lost": {}}, plan, ref, observed, ports).abort()
         except RuntimeError as error:  # an added pod never got an IP: nothing of the change reached it
             problems.append(str(error))
             stepper = self._old_only(running, plan, ref, observed, ports)
@@ -296,16 +400,125 @@ class ChangeDriver:
         except KeyError:
             return None
 
+    # --- a stage that died during the change ---------------------------------------------------------
+
+    def _losses(self, running: Mapping[str, Any], ref: PipelineRef, observed: Observed, ports: Ports,
+                probe_all: bool) -> dict[int, str]:
+        """The change's stages that died: what their pods show, then the agents asked directly (those whose pod
+        is not Ready; with `probe_all`, after a step failed, every one)."""
+        plan = plan_of(running)
+        lost, ask = pod_losses(running, plan, ref.name, observed, every=probe_all)
+        if not ask:
+            return lost
+        token = ports.token()
+        pods = {p.name: p for p in observed.pods if p.role == m.ROLE_STAGE and p.pod_ip}
+        recorded = running.get("agents") or {}
+        for sid in ask:
+            pod = pods.get(m.stage_pod_name(ref.name, sid))
+            url = recorded.get(str(sid)) or (_agent_url(str(pod.pod_ip)) if pod is not None else None)
+            if url and agent_gone(str(url), token):
+                lost[sid] = f"its agent at {url} refuses connections"
+        return lost
+
+    def _lost(self, running: dict[str, Any], lost: Mapping[int, str], ref: PipelineRef, spec: PipelineSpec,
+              observed: Observed, ports: Ports, now: str) -> bool:
+        """Roll back or forward past stages that died (`after_loss`); the decision is in status first."""
+        phase = str(running["phase"])
+        armed = self._armed(running, observed, ports) if phase == "committing" else None
+        decision = after_loss(phase, armed)
+        what = "; ".join(f"stage {sid} died ({why})" for sid, why in sorted(lost.items()))
+        running["lost"] = {**(running.get("lost") or {}), **{str(sid): why for sid, why in lost.items()}}
+        if decision == "rollback":
+            earlier = f" ({running['error']})" if running.get("error") else ""
+            running["error"] = f"{what} in phase {phase}, before the commit point{earlier}"
+            running["rolledBackFrom"], running["phase"] = phase, ROLLING_BACK
+            ports.patch_status({"reconfiguration": running})
+            ports.post(Event(WARNING, "StageLostDuringChange", f"{running['id']}: {what} in phase {phase}, before the "
+                                                               "point of no return: rolling back; the old layout "
+                                                               "serves on (a dead old stage is restored after)"))
+            return self._rollback(running, ref, observed, ports, now)
+        if phase != ROLLING_FORWARD:
+            running["rolledForwardFrom"], running["phase"] = phase, ROLLING_FORWARD
+        plan = plan_of(running)
+        ports.patch_status({"phase": st.RECONFIGURING, "reconfiguration": running,
+                            **_layout_patch(plan, ref, observed)})
+        ports.post(Event(WARNING, "StageLostDuringChange", f"{running['id']}: {what} in phase {phase}, past the point "
+                                                           "of no return: rolling forward; it comes back in its new "
+                                                           "range and the frontend prefills its requests again"))
+        return self._roll_forward(running, ref, spec, observed, ports, now)
+
+    def _armed(self, running: Mapping[str, Any], observed: Observed, ports: Ports) -> bool | None:
+        """Whether the frontend serves the change's epoch (it armed: past the point of no return); None when it
+        cannot be asked."""
+        frontend, epoch = _frontend(observed), running.get("epoch")
+        if frontend is None or epoch is None:
+            return None
+        try:
+            state = ControlClient(_frontend_url(frontend), ports.token(), HEALTH_TIMEOUT_S).get("/control/state")
+        except ControlCallError:
+            return None
+        return int(state["epoch"]) >= int(epoch)
+
+    def _roll_forward(self, running: dict[str, Any], ref: PipelineRef, spec: PipelineSpec, observed: Observed,
+                      ports: Ports, now: str) -> bool:
+        """Once every lost stage of the new layout has a Ready pod in its new range: finish the change past
+        them (`Stepper.roll_forward`, request ids of the change: a repeat acts once), then `cleaning`. The
+        removed stages are left out too: every live request is prefilled again, so their last KV is not needed."""
+        plan = plan_of(running)
+        lost = sorted(int(k) for k in running.get("lost") or {})
+        if not self._replace(plan, lost, running, ref, spec, observed, ports):
+            return False  # the replacement pods' events start the next pass
+        try:
+            stepper = self._stepper(running, plan, ref, observed, ports)
+            reprefilled = stepper.roll_forward(sorted(set(lost) | set(plan.removed)), rearm="live" not in running)
+        except Exception as error:
+            more = self._losses(running, ref, observed, ports, probe_all=True)
+            if more:
+                return self._lost(running, more, ref, spec, observed, ports, now)
+            ports.post(Event(WARNING, "ReconfigurationRetrying", f"{running['id']}: rolling forward past stage "
+                                                                 f"{', '.join(map(str, lost))} failed, repeating it: "
+                                                                 f"{error}"))
+            return False
+        running["requestsReprefilled"] = reprefilled
+        running["pauseMs"] = round(float(running.get("pauseMs") or stepper.report.pause_ms), 3)
+        running["live"] = list(stepper.live)
+        running["agents"] = {**(running.get("agents") or {}),
+                             **{str(sid): stepper.clients[sid].base_url for sid in lost if sid in stepper.clients}}
+        self.finished[str(running["id"])] = ROLLING_FORWARD
+        return self._enter(running, "cleaning", ref, spec, observed, ports, now)
+
+    def _replace(self, plan: ReconfigPlan, lost: list[int], running: Mapping[str, Any], ref: PipelineRef,
+                 spec: PipelineSpec, observed: Observed, ports: Ports) -> bool:
+        """Each lost stage of the new layout on a fresh pod created with its new range: the dead pod (or one
+        the reconcile pass created in the old range before the decision) is deleted, then one is created.
+        True once every one is Ready with an IP."""
+        pods = {p.name: p for p in observed.pods if p.role == m.ROLE_STAGE}
+        recorded = running.get("agents") or {}
+        ready = True
+        for sid in (sid for sid in lost if sid in {s.stage_id for s in plan.new}):
+            stage, name = plan.new.stage(sid), m.stage_pod_name(ref.name, sid)
+            pod = pods.get(name)
+            if pod is None:
+                ready = False
+                if ports.apply(Create(m.stage_pod(ref, spec, stage, spec.pool(stage.pool)))):
+                    ports.post(Event(NORMAL, "CreatedStagePod", f"stage {sid} (pool {stage.pool}, layers "
+                                                                f"[{stage.start}, {stage.end})): it died in live "
+                                                                f"change {running['id']}, which rolls forward"))
+                continue
+            the_dead_one = pod.pod_ip is not None and recorded.get(str(sid)) == _agent_url(pod.pod_ip)
+            stale = pod.finished or pod.layers != (stage.start, stage.end) or the_dead_one
+            if pod.deleting or stale:
+                ready = False
+                if not pod.deleting and ports.apply(Delete("Pod", name)):
+                    ports.post(Event(NORMAL, "DeletedStagePod", f"pod {name}: stage {sid} died in live change "
+                                                                f"{running['id']}; replaced in its new range"))
+            elif not (pod.ready and pod.pod_ip):
+                ready = False
+        return ready
+
     def _done(self, running: dict[str, Any], ref: PipelineRef, observed: Observed, ports: Ports, now: str) -> bool:
         plan = plan_of(running)
-        pods = {p.name: p for p in observed.pods}
-        stages = []
-        for s in plan.new:
-            name = m.stage_pod_name(ref.name, s.stage_id)
-            entry: dict[str, Any] = {"stageId": s.stage_id, "pool": s.pool, "layers": [s.start, s.end], "pod": name}
-            if name in pods and pods[name].pod_ip:
-                entry["podIP"] = pods[name].pod_ip
-            stages.append(entry)
+        stages = _layout_patch(plan, ref, observed)["layout"]["stages"]
         ports.post(Event(NORMAL, "Reconfigured", f"{running['id']}: now {layout_summary(plan.new)}; switch pause "
                                                  f"{running.get('pauseMs', 0)} ms, {running.get('kvBytesMoved', 0)} "
                                                  "KV bytes moved"))
@@ -320,7 +533,13 @@ class ChangeDriver:
                 "started": running.get("started"), "finished": now, "reason": running.get("reason")}
         if error:
             last["error"] = error
+        if running.get("lost"):
+            last["lost"] = running["lost"]
+            last["requestsReprefilled"] = int(running.get("requestsReprefilled") or 0)
         patch: dict[str, Any] = {"reconfiguration": None, "lastReconfiguration": last}
+        lost_old = {int(sid) for sid in running.get("lost") or {}} & {s.stage_id for s in plan_of(running).old}
+        if layout is None and lost_old:
+            patch["phase"] = st.DEGRADED  # the old layout lost a stage: the pass restores it before moving again
         if layout is not None:
             new = layout_of(running["to"])
             patch |= {"layout": layout, "layoutSummary": layout_summary(new), "stageCount": len(new)}
@@ -331,9 +550,32 @@ class ChangeDriver:
         return True
 
 
+def _layout_patch(plan: ReconfigPlan, ref: PipelineRef, observed: Observed) -> dict[str, Any]:
+    """`status.layout` (with `layoutSummary`, `stageCount`) as the new layout, with the pods it has."""
+    pods = {p.name: p for p in observed.pods}
+    stages = []
+    for s in plan.new:
+        name = m.stage_pod_name(ref.name, s.stage_id)
+        entry: dict[str, Any] = {"stageId": s.stage_id, "pool": s.pool, "layers": [s.start, s.end], "pod": name}
+        if name in pods and pods[name].pod_ip:
+            entry["podIP"] = pods[name].pod_ip
+        stages.append(entry)
+    return {"layout": {"stages": stages}, "layoutSummary": layout_summary(plan.new), "stageCount": len(plan.new)}
+
+
+def _stage_ids(plan: ReconfigPlan) -> list[int]:
+    return sorted({s.stage_id for s in plan.old} | {s.stage_id for s in plan.new})
+
+
 def _frontend(observed: Observed) -> PodView | None:
-    return next((p for p in observed.pods if p.role == m.ROLE_FRONTEND and p.ready and p.pod_ip and not p.deleting
-                 and not p.finished), None)
+    """The frontend pod to drive the change through: a Ready one, else one that runs (not Ready while a stage of
+    its chain is dead, which is when a roll forward needs it)."""
+    up = [p for p in observed.pods if p.role == m.ROLE_FRONTEND and p.pod_ip and not p.deleting and not p.finished]
+    return next((p for p in up if p.ready), next((p for p in up if p.phase == "Running"), None))
+
+
+def _frontend_url(pod: PodView) -> str:
+    return f"http://{_host(pod.pod_ip or '')}:{m.FRONTEND_PORT}"
 
 
 def _host(ip: str) -> str:

@@ -24,7 +24,17 @@ from pipeshift.operator.change import ChangeDriver, Ports
 from pipeshift.operator.kube import Kube
 from pipeshift.operator.lifecycle import before_reconcile
 from pipeshift.operator.metrics import OperatorMetrics
-from pipeshift.operator.reconcile import NORMAL, WARNING, Create, Delete, Event, Observed, Outcome, reconcile
+from pipeshift.operator.reconcile import (
+    NORMAL,
+    WARNING,
+    Create,
+    Delete,
+    Event,
+    Observed,
+    Outcome,
+    current_layout,
+    reconcile,
+)
 from pipeshift.operator.spec import GROUP, PLURAL, POLICY_PLURAL, VERSION, PipelineRef, SpecError, parse_spec
 from pipeshift.operator.validation import validate_policy
 
@@ -92,7 +102,8 @@ class PipelineOperator:
         return outcome, again
 
     def _autoscaled(self, body: dict[str, Any], observed: Observed) -> Observed:
-        """Without spec.layout: the layout the policy wants (`autoscale`), seen by the pass as its target."""
+        """Without spec.layout: the layout the policy wants (`autoscale`), seen by the pass as its target; before
+        anything served, the pools' allocatable GPUs, for the pass to plan the first layout over."""
         raw = body.get("spec")
         if not isinstance(raw, Mapping) or raw.get("layout") is not None:
             return observed
@@ -100,6 +111,12 @@ class PipelineOperator:
             spec = parse_spec(raw)
         except SpecError:
             return observed  # the pass reports it
+        if current_layout(body.get("status") or {}) is None:  # the pass plans a first layout over these GPUs
+            try:
+                observed = dataclasses.replace(observed, pool_gpus={p.name: self.kube.node_gpus(p.node_selector)
+                                                                    for p in spec.pools})
+            except Exception as error:  # the pass says the capacity is unknown; the next one reads again
+                logger.warning("%s: cannot read the Nodes of spec.pools: %s", body["metadata"]["name"], error)
         policy = (observed.policy or {}).get("spec") if observed.policy is not None else spec.inline_policy
         key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
         try:

@@ -1,6 +1,7 @@
-"""What runs before each reconcile pass: restoring replaced stages onto the running frontend (`restore`),
-and scaling to zero and back (`zero`). Kept out of the pass itself, which stays pure, and out of the kopf
-handlers, which stay thin: the handler calls `before_reconcile` and skips the pass when told to.
+"""What runs before each reconcile pass: keeping the autoscaling loop's memory in status (`autoscale`), restoring
+replaced stages onto the running frontend (`restore`), and scaling to zero and back (`zero`). Kept out of the pass
+itself, which stays pure, and out of the kopf handlers, which stay thin: the handler calls `before_reconcile` and
+skips the pass when told to.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def before_reconcile(op: PipelineOperator, body: dict[str, Any],
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     status = body.get("status") or {}
+    remembered = op.autoscale.status_patch(f"{ns}/{name}", status)
+    if remembered is not None:  # the stabilization windows and target, for the next operator process
+        op.kube.patch_status(PLURAL, ns, name, remembered)
+        status = {**status, **remembered}
+        body = {**body, "status": status}
     waking = isinstance(status.get(z.STATUS_KEY), Mapping) and "demandAt" in status[z.STATUS_KEY]
     plan = plan_restore(status, observed, attach=waking)
     if plan is not None:

@@ -56,7 +56,7 @@ class OperatorMetrics:
 
     def __init__(self) -> None:
         self.reconciles = Counter("pipeshift_operator_reconciles_total",
-                                  "reconcile passes by outcome (ready, waiting, invalid, unsupported, error)",
+                                  "reconcile passes by outcome (ready, waiting, invalid, error)",
                                   ("outcome",))
         self.created = Counter("pipeshift_operator_objects_created_total",
                                "objects the operator created, by kind and role", ("kind", "role"))
@@ -65,7 +65,7 @@ class OperatorMetrics:
         self.events = Counter("pipeshift_operator_events_total", "Kubernetes Events posted, by type and reason",
                               ("type", "reason"))
         self.reconfigurations = Counter("pipeshift_operator_reconfigurations_total",
-                                        "live layout changes ended, by outcome (committed, rolled_back)",
+                                        "live layout changes ended, by outcome (committed, aborted)",
                                         ("outcome",))
         # Sums and counts (a histogram's _sum/_count without buckets): mean = sum / reconfigurations.
         self.reconfig_seconds = Counter("pipeshift_operator_reconfiguration_seconds_total",
@@ -75,8 +75,8 @@ class OperatorMetrics:
                                      "seconds the frontend could not start a micro-batch while switching",
                                      ())
         self.decisions = Counter("pipeshift_operator_autoscale_decisions_total",
-                                 "autoscaling decisions by kind (hold, scale_up, scale_down, scale_to_zero, "
-                                 "cold_start, pin)", ("kind",))
+                                 "autoscaling decisions by kind (hold, scale_up, scale_down, pin); scale to zero "
+                                 "and cold starts have their own counters", ("kind",))
         # Restores of dead stage pods and scale to zero (see `restore` and `zero`).
         self.restores = Counter("pipeshift_operator_stage_restores_total",
                                 "stage pods replaced after dying, the frontend re-wired onto them", ())

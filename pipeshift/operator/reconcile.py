@@ -17,19 +17,15 @@ from typing import Any
 from pipeshift.api import Layout, StagePlan
 from pipeshift.operator import manifests as m
 from pipeshift.operator import status as st
+from pipeshift.operator.initial import NotPlanned, first_layout, kept
 from pipeshift.operator.spec import PipelineRef, PipelineSpec, SpecError, parse_spec
 from pipeshift.operator.validation import validate_pipeline
 
 NORMAL, WARNING = "Normal", "Warning"
 # A new message under these reasons is news (another field is wrong, another scheduler verdict).
 _MESSAGE_EVENTS = frozenset({"InvalidSpec", "Unschedulable", "ModelConfigUnavailable"})
-_WARN_REASONS = frozenset({"InvalidSpec", "Unschedulable", "ModelConfigUnavailable", "AutoscalingNotAvailable"})
+_WARN_REASONS = frozenset({"InvalidSpec", "Unschedulable", "ModelConfigUnavailable", "PolicyNotFound"})
 MAX_ERRORS = 10  # listed in the condition and Event; more are counted
-NO_LAYOUT_MESSAGE = (
-    "spec.layout is not set and the pipeline has never served: the autoscaling loop changes the layout of a "
-    "serving pipeline but does not plan a first one yet. Set spec.layout.stages to start; remove it once Ready "
-    "to hand the layout to the policy."
-)
 
 
 @dataclass(frozen=True)
@@ -102,6 +98,9 @@ class Observed:
     deployment_stages: str | None = None
     # The layout the policy wants when spec.layout is not set (None: keep the current one).
     autoscale_layout: Layout | None = None
+    # Allocatable `nvidia.com/gpu` per pool of spec.pools (its nodeSelector's Nodes), read when a first layout
+    # is to be planned (no spec.layout, nothing served yet); None when not read.
+    pool_gpus: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def same_shape(a: Layout, b: Layout) -> bool:
 
 @dataclass
 class Outcome:
-    """`result` is invalid | unsupported | waiting | ready; `waiting` asks for a prompt re-check.
+    """`result` is invalid | waiting | ready; `waiting` asks for a prompt re-check.
 
     `change`: a live change to drive (`change.py`): the one in `status.reconfiguration`, or a new one to
     `desired` (the pipeline serves `current`, whose ranges differ from it); None when there is nothing to move."""
@@ -232,16 +231,20 @@ def reconcile(body: Mapping[str, Any], observed: Observed, *, now: str,
     if spec is None:
         return ctx.finish(result="invalid", phase=st.FAILED,
                           ready=st.Condition(st.READY, False, "InvalidSpec", _summary(errors)))
-    ctx.events += _policy_events(spec, observed, spec_changed)
     current = current_layout(previous)
     desired = spec.layout or observed.autoscale_layout or current
-    if desired is None:
-        return ctx.finish(result="unsupported", phase=st.PENDING,
-                          ready=st.Condition(st.READY, False, "AutoscalingNotAvailable", NO_LAYOUT_MESSAGE))
+    ctx.events += _policy_events(spec, observed, spec_changed)
     if spec.model.config_map is not None and observed.model_config is None:
         why = observed.model_config_error or "not read yet"
         return ctx.finish(result="waiting", phase=st.PENDING,
                           ready=st.Condition(st.READY, False, "ModelConfigUnavailable", why))
+    if desired is None:
+        first = _first_layout(ctx, spec, observed)
+        if isinstance(first, NotPlanned):
+            ctx.events = [e for e in ctx.events if e.reason != first.reason]  # the condition says it, once
+            return ctx.finish(result="waiting", phase=st.PENDING,
+                              ready=st.Condition(st.READY, False, first.reason, first.message))
+        desired = first
     if current is not None and current.num_layers != desired.num_layers:
         current = None  # another model: nothing can move live
     running = previous.get("reconfiguration")
@@ -311,12 +314,31 @@ def _condition_events(news: Sequence[st.Condition], old: Sequence[Mapping[str, A
 
 
 def _policy_events(spec: PipelineSpec, observed: Observed, spec_changed: bool) -> list[Event]:
-    """A policy that does not exist (yet) is reported once per spec generation; with a pinned layout
-    it is not needed to serve. (A policy that exists but is invalid makes the spec invalid.)"""
+    """A policy that does not exist (yet) is reported once per spec generation; with a pinned layout, or one
+    that served, it is not needed to serve. (A policy that exists but is invalid makes the spec invalid; one
+    missing where it must plan the first layout is the Ready condition's reason instead.)"""
     if spec.policy is None or not spec_changed or observed.policy is not None:
         return []
+    served = "the pinned layout" if spec.layout is not None else "the layout that served"
     return [Event(WARNING, "PolicyNotFound", f"spec.policy: no AutoscalingPolicy {spec.policy!r} in this namespace "
-                                             "(the pinned layout is served regardless)")]
+                                             f"({served} is served regardless)")]
+
+
+def _first_layout(ctx: _Context, spec: PipelineSpec, observed: Observed) -> Layout | NotPlanned:
+    """Without spec.layout and before anything served: the layout a previous pass started, else the one the
+    policy plans now (`initial.py`), announced once by an `InitialLayout` Event."""
+    config = dict(spec.model.config or observed.model_config or {})
+    started = kept(ctx.previous, spec, int(config.get("num_hidden_layers") or 0), observed.pool_gpus)
+    if started is not None:
+        return started
+    policy = (observed.policy or {}).get("spec") if spec.policy is not None else spec.inline_policy
+    first = first_layout(ctx.ref.name, spec, policy if isinstance(policy, Mapping) else None, config,
+                         observed.pool_gpus)
+    if isinstance(first, NotPlanned):
+        return first
+    ctx.events.append(Event(NORMAL, "InitialLayout",
+                            f"no spec.layout: starting {layout_summary(first.layout)}, planned by {first.why}"))
+    return first.layout
 
 
 def layout_summary(layout: Layout) -> str:

@@ -14,7 +14,13 @@ time to status and phase `Pending`: the reconcile pass then creates the stage po
 `restore` attaches them to the waiting frontend, which serves the held requests. The time from demand seen
 to stages attached is `status.coldStartSeconds` and the operator metric `pipeshift_operator_cold_start_seconds`.
 
-The decisions (`settings`, `parse_metrics`, `IdleTracker`, `decide`) are pure; `ZeroDriver` does the I/O.
+This module is the one authority on scale to zero: `decide` alone releases the stages (for a pinned layout as
+for a policy's). The autoscaling loop (`autoscale.py`) hands the policy to its `Autoscaler` with
+`scale_to_zero` off, so it never proposes a release of its own, and it does nothing at zero (there is no
+layout to serve), so waking up is `decide`'s too.
+
+The decisions (`settings`, `parse_metrics`, `IdleTracker`, `decide`) are pure; the lifecycle hook
+(`lifecycle.py`) does the I/O through `scale_down`.
 """
 
 from __future__ import annotations

@@ -6,11 +6,16 @@ way, and applies what comes back. Time is an argument, so tests drive it with a 
 Hysteresis: a breach must last `scale_up.stabilization_seconds`, calm `scale_down.stabilization_seconds`
 and idleness `scale_to_zero.idle_seconds`; cooldowns count from the end of the last move; nothing is
 proposed while a move is in progress or once the hourly switch budget is spent.
+
+That memory (`AutoscalerTimers`: since when each condition has held, the last move, the switches of the
+past hour) is exported by `timers()` and put back by `restore()`, so a driver that restarts (the operator)
+carries the stabilization windows, cooldowns and budget over instead of starting them again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import statistics
@@ -44,6 +49,35 @@ class Decision:
     reason: str
     strategy: str  # the policy's reconfiguration strategy, for whoever applies the change
     placement: Placement | None = None
+
+
+@dataclass(frozen=True)
+class AutoscalerTimers:
+    """The decision loop's memory, in the clock `step` is given: since when a breach, calm and idleness have
+    held (None: not holding), when the last move was proposed or last seen in progress (None: never), and
+    the times of the switches of the past hour, oldest first (older ones are dropped when the budget is next
+    counted). Checked on creation, so a restored value never breaks the loop later."""
+
+    breach_since: float | None = None
+    calm_since: float | None = None
+    idle_since: float | None = None
+    last_change: float | None = None
+    switches: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("breach_since", "calm_since", "idle_since", "last_change"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_time(name, value)
+        for i, value in enumerate(self.switches):
+            _check_time(f"switches[{i}]", value)
+        if any(later < earlier for earlier, later in itertools.pairwise(self.switches)):
+            raise ValueError(f"switches must be in time order, oldest first: {list(self.switches)}")
+
+
+def _check_time(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite time in seconds, not {value!r}")
 
 
 def _seconds(value: float) -> str:
@@ -96,6 +130,19 @@ class Autoscaler:
         self._last_change = -math.inf
         self._switches: deque[float] = deque()
         self._released: Layout | None = None
+
+    def timers(self) -> AutoscalerTimers:
+        """The stabilization windows, last move and switches, to be handed to `restore` of another instance."""
+        last = None if math.isinf(self._last_change) else self._last_change
+        return AutoscalerTimers(self._breach_since, self._calm_since, self._idle_since, last, tuple(self._switches))
+
+    def restore(self, timers: AutoscalerTimers) -> None:
+        """Continue from `timers` (from `timers()` of an instance with the same policy): the windows, cooldowns
+        and switch budget go on where they were instead of starting again."""
+        self._breach_since, self._calm_since = timers.breach_since, timers.calm_since
+        self._idle_since = timers.idle_since
+        self._last_change = -math.inf if timers.last_change is None else timers.last_change
+        self._switches = deque(timers.switches)
 
     def step(self, now: float, metrics: Signals, current: Layout | None, move_in_progress: bool) -> Decision | None:
         p = self.policy
