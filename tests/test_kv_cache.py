@@ -6,6 +6,7 @@ Random interleavings of reserve / write / release / grow / shrink / drop_layer /
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -398,3 +399,54 @@ def test_spec_sizes_follow_block_geometry() -> None:
     assert spec.blocks_for(17, 3) == 6 and spec.blocks_for(16, 3) == 3 and spec.blocks_for(0, 3) == 0
     cache = PagedKVCache(spec, 10, slab_blocks=4)
     assert cache.stats()["total_bytes"] == 12 * spec.bytes_per_block
+
+
+def test_located_blocks_copy_on_another_thread_even_after_a_shrink_moved_them() -> None:
+    """A pre-copy round takes a block table on the stage's thread and copies the data on another one; a
+    shrink that compacts the pool in between must not redirect the read (`BlockCopy` holds the slabs)."""
+    cache = make_cache(num_blocks=6, slab_blocks=2)
+    cache.reserve(0, 4)
+    cache.reserve(1, 2)
+    cache.write(0, 0, 0, tokens(4 * BS), tokens(4 * BS))
+    cache.write(1, 5, 0, tokens(2 * BS, 1000.0), tokens(2 * BS, 2000.0))
+    assert set(cache.block_table(1, 5)) == {4, 5}
+    expected, versions = cache.export_blocks(1, 5, [1, 0])
+    where, located_versions = cache.locate_blocks(1, 5, [1, 0])
+    assert where is not None and located_versions == versions
+    cache.release(0)
+    cache.shrink(4)
+    assert set(cache.block_table(1, 5)) == {0, 1}, "the shrink moved the blocks"
+    with ThreadPoolExecutor(1) as pool:
+        copied = pool.submit(where.copy).result()
+    assert torch.equal(copied, expected)
+    k, v = cache.read(1, 5)
+    assert torch.equal(copied[[1, 0], 0].reshape(-1, HEADS, DIM), k)
+    assert torch.equal(copied[[1, 0], 1].reshape(-1, HEADS, DIM), v)
+
+
+def test_a_bounded_shrink_moves_at_most_its_budget_per_step_and_ends_where_one_shrink_would() -> None:
+    """Shrinking in steps (between micro-batches) must reach the same pool and keep every block readable."""
+    slab = 2
+    stepped, whole = make_cache(num_blocks=12, slab_blocks=slab), make_cache(num_blocks=12, slab_blocks=slab)
+    for cache in (stepped, whole):
+        for seq in range(3):
+            cache.reserve(seq, 3)
+        for seq in range(3):  # interleaved writes spread every sequence over the slabs
+            for pos in range(3 * BS):
+                cache.write(seq, 0, pos, tokens(1, 100.0 * seq + pos), tokens(1, -100.0 * seq - pos))
+        cache.release(1)
+    before = {seq: whole.read(seq, 0) for seq in (0, 2)}
+    steps = []
+    while stepped.total_blocks > 6:
+        live_before = {seq: list(stepped.block_table(seq, 0)) for seq in (0, 2)}
+        released = stepped.shrink(stepped.total_blocks - 6, max_moved=1)
+        after = {seq: stepped.block_table(seq, 0) for seq in (0, 2)}
+        moved = sum(a != b for seq in (0, 2) for a, b in zip(live_before[seq], after[seq], strict=True))
+        steps.append((released, moved))
+        assert released >= slab and (moved <= 1 or released == slab), steps
+    whole.shrink(whole.total_blocks - 6)
+    assert len(steps) > 1 and stepped.total_blocks == whole.total_blocks == 6
+    for seq in (0, 2):
+        for cache in (stepped, whole):
+            k, v = cache.read(seq, 0)
+            assert torch.equal(k, before[seq][0]) and torch.equal(v, before[seq][1])

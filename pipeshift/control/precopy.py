@@ -57,19 +57,29 @@ def copy_pairs(plan: ReconfigPlan) -> list[CopyPair]:
     return [CopyPair(src, dst, tuple(sorted(ls))) for (src, dst), ls in sorted(layers.items())]
 
 
+# A round that leaves dirty at least this fraction of what it sent has stopped converging: serving writes as
+# fast as the link copies (each decode step dirties every live sequence's last block), so more rounds would
+# only repeat the same small remainder; the switch's final copy or push moves it.
+STALLED_FRACTION = 0.5
+
+
 def precopy_done(rounds: Sequence[RoundStats], switch_budget_s: float, max_rounds: int) -> bool:
-    """Stop when what is still dirty would move within the switch budget at the speed the last round that
-    moved anything measured, or when `max_rounds` rounds ran. Without a measured speed only a clean
-    state stops early."""
+    """Stop when what is still dirty would move within the switch budget at the best speed a round measured
+    (a small round's time is mostly the fixed latency of its control calls and worker hops, which one more
+    round pays again rather than avoids), when the last round stalled (it left dirty at least
+    `STALLED_FRACTION` of what it sent), or when `max_rounds` rounds ran. Without a measured speed only a
+    clean state stops early."""
     if not rounds:
         return False
     last = rounds[-1]
     if last.dirty_bytes == 0 or len(rounds) >= max_rounds:
         return True
+    if last.bytes > 0 and last.dirty_bytes >= STALLED_FRACTION * last.bytes:
+        return True
     measured = [r for r in rounds if r.bytes > 0 and r.seconds > 0]
     if not measured:
         return False
-    speed = measured[-1].bytes / measured[-1].seconds
+    speed = max(r.bytes / r.seconds for r in measured)
     return last.dirty_bytes / speed <= switch_budget_s
 
 

@@ -1,18 +1,22 @@
 """Moving KV blocks between stages during live reconfiguration: what a source still owes each target
 (the dirty set), how blocks travel as frames, and how a target imports them.
 
-Export and import run on each stage's compute worker, between micro-batches, so every chunk is a
-consistent snapshot of one (sequence, layer); only the network transfer runs beside serving.
+What to send is decided on each stage's compute worker, between micro-batches, so every chunk is a
+consistent snapshot of one (sequence, layer): its block table, versions and length. A pre-copy round copies
+the blocks' data off the worker (`PlannedChunk.load`, see `BlockCopy` for why that is safe) while serving goes
+on, and sends it; imports run on the target's worker. Pushes after an epoch switch is armed are small (the
+blocks one step wrote) and are copied on the worker right after the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from pipeshift.runtime.kv import KVSpec
+from pipeshift.runtime.kv.pool import BlockCopy
 from pipeshift.runtime.stage import Stage
 from pipeshift.runtime.transport import Frame, FrameError, FrameLimits, Kind, KVBlocksMeta
 
@@ -23,7 +27,7 @@ _HEADER_KEY = "kv"
 
 
 @dataclass(frozen=True, eq=False)
-class KVChunk:
+class ChunkHead:
     """Logical blocks of one (sequence, layer) at their write versions, with the layer's length then and
     the tokens the sequence reserves (a target that never saw the sequence reserves as much)."""
 
@@ -33,6 +37,12 @@ class KVChunk:
     reserve: int
     logical: tuple[int, ...]
     versions: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class KVChunk(ChunkHead):
+    """A chunk with its blocks' data, `[len(logical), 2, block_size, kv_heads, head_dim]`."""
+
     data: Tensor
 
     @property
@@ -44,6 +54,19 @@ class KVChunk:
         header = Frame.message(Kind.CONTROL, {_HEADER_KEY: {"length": self.length, "reserve": self.reserve}})
         meta = KVBlocksMeta(self.seq_id, self.layer, self.logical, self.versions)
         return header, Frame.kv_blocks(self.data.contiguous(), meta)
+
+
+@dataclass(frozen=True, eq=False)
+class PlannedChunk(ChunkHead):
+    """A chunk whose head was taken on the worker and whose data is still in the pool: `load()` copies it, on
+    any thread."""
+
+    where: BlockCopy
+    nbytes: int
+
+    def load(self) -> KVChunk:
+        return KVChunk(self.seq_id, self.layer, self.length, self.reserve, self.logical, self.versions,
+                       self.where.copy())
 
 
 def migration_limits(spec: KVSpec) -> tuple[FrameLimits, FrameLimits]:
@@ -140,22 +163,33 @@ class DirtyTracker:
                 only: Collection[int] | None = None) -> list[KVChunk]:
         """Copies of every dirty block (of the sequences in `only`, if given), at most `MAX_FRAME_BLOCKS`
         per chunk."""
+        return [chunk.load() for chunk in self.plan(stage, target, layers, only)]
+
+    def plan(self, stage: Stage, target: str, layers: Iterable[int],
+             only: Collection[int] | None = None) -> list[PlannedChunk]:
+        """`collect` without the copies, for a caller that makes them off the worker."""
         chunks = []
         for (seq, layer), blocks in self.dirty(stage, target, layers, only).items():
             length = stage.cache.length(seq, layer)
             for i in range(0, len(blocks), MAX_FRAME_BLOCKS):
                 part = blocks[i : i + MAX_FRAME_BLOCKS]
-                data, versions = stage.cache.export_blocks(seq, layer, part)
-                chunks.append(
-                    KVChunk(seq, layer, length, stage.reserved_tokens(seq), tuple(part), tuple(versions), data)
-                )
+                where, versions = stage.cache.locate_blocks(seq, layer, part)
+                assert where is not None
+                chunks.append(PlannedChunk(seq, layer, length, stage.reserved_tokens(seq), tuple(part),
+                                           tuple(versions), where, len(part) * stage.spec.bytes_per_block))
         return chunks
 
-    def mark_sent(self, target: str, chunks: Iterable[KVChunk]) -> None:
+    def mark_sent(self, target: str, chunks: Iterable[ChunkHead]) -> None:
         """Called once the target confirmed the import, so a failed round leaves its blocks dirty."""
         sent = self._sent.setdefault(target, {})
         for chunk in chunks:
             sent.setdefault((chunk.seq_id, chunk.layer), {}).update(zip(chunk.logical, chunk.versions, strict=True))
+
+    def sent_then_remaining(self, stage: Stage, target: str, layers: Sequence[int],
+                            chunks: Iterable[ChunkHead]) -> tuple[int, int]:
+        """`mark_sent`, then `remaining`: one hop to the worker at the end of a round instead of two."""
+        self.mark_sent(target, chunks)
+        return self.remaining(stage, target, layers)
 
     def remaining(self, stage: Stage, target: str, layers: Iterable[int]) -> tuple[int, int]:
         """Dirty blocks and bytes still owed to `target`: what the stop rule weighs against the link."""
@@ -166,10 +200,10 @@ class DirtyTracker:
         self._sent.clear()
 
 
-def frame_bytes(chunks: Iterable[KVChunk]) -> int:
+def frame_bytes(chunks: Iterable[KVChunk | PlannedChunk]) -> int:
     return sum(c.nbytes for c in chunks)
 
 
-def blocks_in(chunks: Iterable[KVChunk]) -> int:
+def blocks_in(chunks: Iterable[ChunkHead]) -> int:
     return sum(len(c.logical) for c in chunks)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from pipeshift.runtime.kv.pool import BlockPool
+from pipeshift.runtime.kv.pool import BlockCopy, BlockPool
 from pipeshift.runtime.kv.span import SeqSpan
 from pipeshift.runtime.kv.spec import KVCapacityError, KVSpec
 
@@ -234,6 +234,14 @@ class PagedKVCache:
 
     def export_blocks(self, seq_id: int, layer: int, logical: list[int]) -> tuple[Tensor, list[int]]:
         """Copies of the given logical blocks, `[len(logical), 2, block_size, kv_heads, head_dim]`, and versions."""
+        where, versions = self.locate_blocks(seq_id, layer, logical)
+        if where is None:
+            return torch.empty((0, *self._pool.block_shape()), dtype=self.spec.dtype, device=self.spec.device), []
+        return where.copy(), versions
+
+    def locate_blocks(self, seq_id: int, layer: int, logical: list[int]) -> tuple[BlockCopy | None, list[int]]:
+        """Where the given logical blocks lie (None for no blocks) and their versions now: `export_blocks`
+        without the copy, which the caller may make on another thread (see `BlockCopy`)."""
         blocks = self._blocks(seq_id, layer)
         table = blocks.table if blocks else []
         absent = [lb for lb in logical if not 0 <= lb < len(table) or table[lb] == _HOLE]
@@ -243,11 +251,9 @@ class PagedKVCache:
                 f"{len(table)} logical blocks (holes: {[i for i, p in enumerate(table) if p == _HOLE]})"
             )
         if not logical:
-            empty = torch.empty((0, *self._pool.block_shape()), dtype=self.spec.dtype, device=self.spec.device)
-            return empty, []
+            return None, []
         assert blocks is not None
-        data = self._pool.read_blocks([table[lb] for lb in logical])
-        return data, [blocks.versions[lb] for lb in logical]
+        return self._pool.locate([table[lb] for lb in logical]), [blocks.versions[lb] for lb in logical]
 
     def import_blocks(
         self,
@@ -299,16 +305,19 @@ class PagedKVCache:
             raise ValueError(f"grow needs blocks >= 0, got {blocks}")
         self._pool.add_slabs(math.ceil(blocks / self.slab_blocks))
 
-    def shrink(self, blocks: int) -> None:
-        """Release whole tail slabs totalling at most `blocks`, first moving their live blocks down.
+    def shrink(self, blocks: int, max_moved: int | None = None) -> int:
+        """Release whole tail slabs totalling at most `blocks`, first moving their live blocks down; returns
+        the blocks released.
 
-        Versions belong to logical blocks, so they survive the move unchanged.
+        With `max_moved`, stop at the last tail slab that keeps the live blocks moved within it (at least one
+        slab always goes), so a caller can shrink in bounded steps between micro-batches instead of stalling
+        one for the whole compaction. Versions belong to logical blocks, so they survive the move unchanged.
         """
         if blocks < 0:
             raise ValueError(f"shrink needs blocks >= 0, got {blocks}")
         drop = min(blocks // self.slab_blocks, self.total_blocks // self.slab_blocks)
         if drop == 0:
-            return
+            return 0
         new_total = self.total_blocks - drop * self.slab_blocks
         if new_total < self._reserved_total:
             spare = (self.total_blocks - self._reserved_total) // self.slab_blocks * self.slab_blocks
@@ -324,10 +333,28 @@ class PagedKVCache:
             for lb, block in enumerate(blocks_.table)
             if block >= new_total
         ]
+        if max_moved is not None:
+            drop, moving = self._bounded_drop(drop, moving, max_moved)
         # Reserved <= new_total and used <= reserved, so the low slabs always have room for the movers.
         targets = self._pool.drop_slabs(drop, [b.table[lb] for b, lb in moving])
         for (blocks_, lb), target in zip(moving, targets, strict=True):
             blocks_.table[lb] = target
+        return drop * self.slab_blocks
+
+    def _bounded_drop(self, drop: int, moving: list[tuple[_LayerBlocks, int]],
+                      max_moved: int) -> tuple[int, list[tuple[_LayerBlocks, int]]]:
+        """The fewest-moves prefix of the tail: as many of the last `drop` slabs as keep the movers within
+        `max_moved` (at least the last slab), and the movers that leaves."""
+        slabs = self.total_blocks // self.slab_blocks
+        per_slab = [0] * drop  # live blocks in the k-th slab from the end
+        for blocks_, lb in moving:
+            per_slab[slabs - 1 - blocks_.table[lb] // self.slab_blocks] += 1
+        keep, moved = 1, per_slab[0]
+        while keep < drop and moved + per_slab[keep] <= max_moved:
+            moved += per_slab[keep]
+            keep += 1
+        first = (slabs - keep) * self.slab_blocks
+        return keep, [(b, lb) for b, lb in moving if b.table[lb] >= first]
 
     def _blocks(self, seq_id: int, layer: int) -> _LayerBlocks | None:
         state = self._seqs.get(seq_id)

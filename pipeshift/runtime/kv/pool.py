@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,6 +20,34 @@ from pipeshift.runtime.kv.spec import KVSpec
 _PLANNED_IDS = 1 << 18
 # (slab, rows of its K and V planes) per slab touched; then the order that undoes the grouping, if any.
 _GatherPlan = tuple[list[tuple[int, Tensor]], Tensor | None]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCopy:
+    """Where some whole blocks lie, captured on the stage's thread; `copy()` may run on any thread.
+
+    It holds the slab tensors themselves, not their places in the pool, so a shrink that compacts or drops
+    slabs meanwhile cannot redirect the read. What it reads is only as stable as the blocks: positions a
+    live sequence has written never change (KV is written once), while the blocks of a sequence released
+    meanwhile may be reused, which is harmless only because a released sequence's KV is never read again.
+    """
+
+    count: int
+    block: tuple[int, int, int]
+    dtype: torch.dtype
+    # (slab tensor viewed as [2, slab_blocks, *block], its block indices, their places in the result or None)
+    parts: tuple[tuple[Tensor, Tensor, Tensor | None], ...]
+
+    def copy(self) -> Tensor:
+        """A fresh `[count, 2, block_size, kv_heads, head_dim]` tensor."""
+        out = torch.empty((self.count, 2, *self.block), dtype=self.dtype, device=self.parts[0][0].device)
+        for planes, index, places in self.parts:
+            picked = planes.index_select(1, index).transpose(0, 1)
+            if places is None:
+                out.copy_(picked)
+            else:
+                out.index_copy_(0, places, picked)
+        return out
 
 
 class BlockPool:
@@ -96,9 +125,16 @@ class BlockPool:
         kv = self._gather(blocks, out)
         return kv[:count], kv[count:]
 
-    def read_blocks(self, blocks: Sequence[int]) -> Tensor:
-        """Copies of whole blocks, `[len(blocks), 2, block_size, kv_heads, head_dim]`."""
-        return torch.stack(self.read(blocks), dim=1)
+    def locate(self, blocks: Sequence[int]) -> BlockCopy:
+        """Whole `blocks` (not empty), to copy now or later from another thread (see `BlockCopy`). It shares no
+        workspace and no gather plan with `read`, so an export never evicts the plans decode steps reuse."""
+        groups = self._by_slab(blocks, self.slab_blocks)
+        parts = []
+        for slab, positions in groups:
+            local = torch.tensor([blocks[pos] - slab * self.slab_blocks for pos in positions], device=self._device)
+            places = None if len(groups) == 1 else torch.tensor(list(positions), device=self._device)
+            parts.append((self._slabs[slab].view(2, self.slab_blocks, *self._block), local, places))
+        return BlockCopy(len(blocks), self._block, self.spec.dtype, tuple(parts))
 
     def write_rows(self, rows: Sequence[int], k: Tensor, v: Tensor) -> None:
         """Write token rows (global `block * block_size + slot`): `k`, `v` are `[len(rows), kv_heads, head_dim]`."""
