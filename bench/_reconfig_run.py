@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _linkspeed
 from _reconfig_client import ClientPlan, client_process
 from _reconfig_measure import Record, measure
 
 from pipeshift.api import Layout, plan_moves
 from pipeshift.control import ReconfigReport, reconfigure, stage_layer_tokens, tokens_recomputed
 from pipeshift.control.reconfigure import ReconfigFailed
-from pipeshift.local.live import LivePipeline
+from pipeshift.local.demo_change import StandbyPipeline
 from pipeshift.local.processes import http_json, start_agents
 from pipeshift.runtime.frontend import BackgroundFrontend, FrontendConfig
 
@@ -91,26 +92,38 @@ def progress(message: str) -> None:
 
 @dataclass
 class Running:
-    pipeline: LivePipeline
+    pipeline: StandbyPipeline
     frontend: BackgroundFrontend
     token: str | None
     block_size: int
     block_bytes: int
+    stage_start_ms: float | None = None
 
 
 @contextlib.contextmanager
-def running_pipeline(model_dir: Path, layout: str, kv_bytes: int) -> Iterator[Running]:
-    agents = start_agents(model_dir, layout, dtype="float32", kv_bytes=kv_bytes, threads=1)
-    pipeline: LivePipeline | None = None
+def running_pipeline(model_dir: Path, layout: str, *, kv_bytes: int | None = None, memory_bytes: int | None = None,
+                     prestart_for: str | None = None) -> Iterator[Running]:
+    """A fresh pipeline at `layout`, every stage with a pool of `kv_bytes` or a memory budget of `memory_bytes`.
+    With `prestart_for`, the stages a change to that layout adds are started now, before any load, as an
+    operator creates new stage pods and waits for them Ready before it changes anything: their start-up (a
+    process loading torch and its weights) is reported as `stage_start_ms` and stays out of the measured
+    windows, where on a small host its CPU alone would slow serving."""
+    agents = start_agents(model_dir, layout, dtype="float32", kv_bytes=kv_bytes, memory_bytes=memory_bytes, threads=1)
+    pipeline: StandbyPipeline | None = None
     try:
         config = FrontendConfig(model_dir=model_dir, port=0, max_queue=4096, step_timeout_s=STEP_TIMEOUT_S,
                                 stages=tuple(f"{a.host}:{a.control_port}" for a in agents.agents)).with_secrets_from()
         with BackgroundFrontend(config) as frontend:
-            pipeline = LivePipeline(model_dir, agents, Layout.parse(layout), dtype="float32", kv_bytes=kv_bytes,
-                                    token=config.control_token)
+            pipeline = StandbyPipeline(model_dir, agents, Layout.parse(layout), dtype="float32", kv_bytes=kv_bytes,
+                                       memory_bytes=memory_bytes, token=config.control_token)
+            stage_start_ms = None
+            if prestart_for is not None:
+                plan = plan_moves(pipeline.layout, Layout.parse(prestart_for, num_layers=pipeline.layout.num_layers))
+                added = [plan.new.stage(sid) for sid in plan.added]
+                stage_start_ms = pipeline.prestart(added) if added else None
             info = http_json(agents.agents[0].control_url + "/info", token=config.control_token)[1]
             yield Running(pipeline, frontend, config.control_token, int(info["block_size"]),
-                          int(info["kv"]["block_bytes"]))
+                          int(info["kv"]["block_bytes"]), stage_start_ms)
     finally:
         if pipeline is not None:
             pipeline.stop()
@@ -195,10 +208,16 @@ def recomputed(running: Running, report: dict[str, Any], records: list[Record], 
     return tokens_recomputed(counted, [(r["prompt_tokens"], r["tokens"]) for r in records], num_layers)
 
 
-def run_once(model_dir: Path, name: str, workload: Workload, vocab: int, label: str) -> dict[str, Any]:
+def run_once(model_dir: Path, name: str, workload: Workload, vocab: int, label: str,
+             loaded_link_bytes: int | None = None) -> dict[str, Any]:
+    """With `loaded_link_bytes`, the loopback link is also measured after the tail, while the long requests
+    still stream (`link_loaded_bytes_per_s`): on a host whose cores serving keeps busy, the link is CPU too,
+    and this is its speed under the same load the KV copy ran under."""
     w = workload
     moved = len(plan_moves(Layout.parse(w.old), Layout.parse(w.new)).moves)
-    with running_pipeline(model_dir, w.old, w.kv_bytes) as running:
+    # restart starts every stage of the new layout by definition; the others adopt pre-started added stages.
+    with running_pipeline(model_dir, w.old, kv_bytes=w.kv_bytes,
+                          prestart_for=None if name == "restart" else w.new) as running:
         plan = ClientPlan(running.frontend.url, [(p, w.long_max_tokens) for p in prompts(w.long, w.long_prompt,
                           vocab, w.seed)], w.probe_rate, w.probe_prompt, w.probe_max_tokens, vocab, w.seed + 1)
         began = time.time()
@@ -211,11 +230,14 @@ def run_once(model_dir: Path, name: str, workload: Workload, vocab: int, label: 
             report, start, end = change(running, w.new, name)
             progress(f"  {label}: {report['outcome']} in {end - start:.2f} s; tail ...")
             time.sleep(w.tail_s)
+            loaded_link = None if loaded_link_bytes is None else _linkspeed.measure_once(loaded_link_bytes)
             records = c.finish()
         figures = measure(records, report, steady=(steady[0], start), switch=(start, end),
                           block_size=running.block_size, block_bytes=running.block_bytes, moved_layers=moved)
         figures["tokens_recomputed"] = recomputed(running, report, records, Layout.parse(w.old).num_layers)
         figures["switch"] = report["switch"]
+        figures["stage_start_ms"] = running.stage_start_ms
+        figures["link_loaded_bytes_per_s"] = loaded_link
         figures["loadavg_1m_at_switch"] = load
         figures["run_s"] = time.time() - began
     return figures

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _admission import assert_admits_exactly, largest_request
 from _streaming import Streamed, assert_exact, oracle, spanning, streaming, under_load
 
 from pipeshift.api import Layout, StagePlan, plan_moves
@@ -82,31 +83,6 @@ def capacity_metric(url: str) -> dict[str, float]:
     return {s.labels["stage"]: s.value for s in samples if s.name == "pipeshift_kv_blocks_capacity"}
 
 
-def largest_request(capacity: dict[int, int], layout: Layout) -> int:
-    """Tokens (prompt + max_tokens) of the largest sequence every idle stage can reserve for."""
-    return min(capacity[s.stage_id] // s.num_layers for s in layout) * BLOCK_SIZE
-
-
-def admission(url: str, tokens: int) -> tuple[int, dict]:
-    """A request of `tokens` positions in all (prompt of tokens - 4, 4 new tokens), not streamed."""
-    rng = random.Random(tokens)
-    body = {"prompt": [rng.randrange(2, VOCAB) for _ in range(tokens - 4)], "max_tokens": 4, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True}
-    return http_json(url + "/v1/completions", "POST", body, timeout_s=120)
-
-
-def assert_admits_exactly(url: str, capacity: dict[int, int], layout: Layout) -> None:
-    largest = largest_request(capacity, layout)
-    status, answer = admission(url, largest)
-    assert status == 200 and answer["choices"][0]["finish_reason"] == "length", answer
-    binding = min(layout, key=lambda s: capacity[s.stage_id] // s.num_layers)
-    need = binding.num_layers * math.ceil((largest + 1) / BLOCK_SIZE)
-    status, answer = admission(url, largest + 1)
-    assert status == 400, answer
-    assert (f"{largest + 1} tokens need {need} KV blocks on stage {binding.stage_id}, "
-            f"whose pool holds {capacity[binding.stage_id]}") in answer["error"]["message"], answer
-
-
 @pytest.mark.parametrize("strategy", ["live", "live-no-resize"])
 def test_unequal_kv_budgets_end_at_their_computed_capacity_and_admission_uses_it(
         pipeline: UnequalPools, model_dir: Path, strategy: str) -> None:
@@ -114,7 +90,7 @@ def test_unequal_kv_budgets_end_at_their_computed_capacity_and_admission_uses_it
     url = pipeline.frontend.url
     before = {sid: int(http_json(u + "/info")[1]["kv"]["total_blocks"]) for sid, u in pipeline.urls.items()}
     assert before == BUDGET_BLOCKS
-    assert_admits_exactly(url, before, plan.old)
+    assert_admits_exactly(url, before, plan.old, block_size=BLOCK_SIZE, vocab=VOCAB)
 
     def change(requests: list[Streamed]) -> object:
         return reconfigure(url, dict(pipeline.urls), plan, strategy=strategy,
@@ -137,7 +113,8 @@ def test_unequal_kv_budgets_end_at_their_computed_capacity_and_admission_uses_it
         assert http_json(u + "/info")[1]["kv"]["total_blocks"] == expected[sid]
         assert capacity_metric(u) == {str(sid): float(expected[sid])}
     assert http_json(url + "/control/state")[1]["reserved_blocks"] == [0, 0]
-    assert_admits_exactly(url, expected, plan.new)
+    assert_admits_exactly(url, expected, plan.new, block_size=BLOCK_SIZE, vocab=VOCAB)
     if strategy == "live-no-resize":
         # Stage 1 now spreads its 256 blocks over 5 layers: the largest request shrank from 1024 to 816 tokens.
-        assert largest_request(expected, plan.new) == 816 < largest_request(before, plan.old) == 1024
+        assert largest_request(expected, plan.new, BLOCK_SIZE) == 816
+        assert largest_request(before, plan.old, BLOCK_SIZE) == 1024

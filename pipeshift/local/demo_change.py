@@ -92,8 +92,8 @@ class StandbyPipeline(LivePipeline):
         """Start `stages` now; returns the milliseconds that took."""
         started = time.perf_counter()
         for stage in stages:
-            agents = start_agents(self.model, [stage], dtype=self.dtype, kv_bytes=self.kv_bytes, token=self.token,
-                                  threads=1)
+            agents = start_agents(self.model, [stage], dtype=self.dtype, kv_bytes=self.kv_bytes,
+                                  memory_bytes=self.memory_bytes, token=self.token, threads=1)
             self.standby[stage.stage_id] = (stage, agents)
         return (time.perf_counter() - started) * 1e3
 

@@ -20,20 +20,23 @@ logger = logging.getLogger(__name__)
 class LivePipeline:
     """Stage agents by stage id; `change(to)` reconfigures the pipeline behind `frontend_url` live.
 
-    Stages started by a change are launched like the first ones (same dtype, KV budget, token), so a
-    later change can move layers back onto them; one change runs at a time.
+    Stages started by a change are launched like the first ones (same dtype, KV or memory budget, token), so
+    a later change can move layers back onto them; one change runs at a time.
     """
 
     def __init__(self, model: Path, agents: LocalAgents, layout: Layout, *, dtype: str | None = None,
-                 kv_bytes: int | None = None, token: str | None = None) -> None:
+                 kv_bytes: int | None = None, token: str | None = None, memory_bytes: int | None = None) -> None:
+        if kv_bytes is not None and memory_bytes is not None:
+            raise UserError("give kv_bytes (--kv-bytes) or memory_bytes (--memory-bytes), not both")
         self.model, self.layout, self.dtype, self.kv_bytes, self.token = model, layout, dtype, kv_bytes, token
+        self.memory_bytes = memory_bytes
         self.groups: dict[int, LocalAgents] = {a.stage_id: agents for a in agents.agents}
         self.urls: dict[int, str] = {a.stage_id: a.control_url for a in agents.agents}
         self._lock = threading.Lock()
 
     def start_stage(self, stage: StagePlan) -> str:
-        started = start_agents(self.model, [stage], dtype=self.dtype, kv_bytes=self.kv_bytes, token=self.token,
-                               threads=1)
+        started = start_agents(self.model, [stage], dtype=self.dtype, kv_bytes=self.kv_bytes,
+                               memory_bytes=self.memory_bytes, token=self.token, threads=1)
         self.groups[stage.stage_id] = started
         self.urls[stage.stage_id] = started.agents[0].control_url
         return self.urls[stage.stage_id]

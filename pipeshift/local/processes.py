@@ -155,6 +155,7 @@ def start_agents(
     host: str = "127.0.0.1",
     return_to: str | None = None,
     kv_bytes: int | None = None,
+    memory_bytes: int | None = None,
     block_size: int | None = None,
     dtype: str | None = None,
     threads: int | None = None,
@@ -171,8 +172,11 @@ def start_agents(
     the agents as PIPESHIFT_CONTROL_TOKEN (default: the one configured in this process, if any). With
     `return_to`, the chain is routed too. Stage logs go to `log_dir` (default: a temporary directory),
     and a stage that dies while starting raises UserError with the tail of its log. SIGTERM to this
-    process stops the agents too (see `exit_on_sigterm`).
+    process stops the agents too (see `exit_on_sigterm`). `memory_bytes` (each stage's memory for weights and
+    KV together) replaces `kv_bytes`: a stage's pool is then what its weights leave.
     """
+    if kv_bytes is not None and memory_bytes is not None:
+        raise UserError("give kv_bytes (--kv-bytes) or memory_bytes (--memory-bytes), not both")
     stages = Layout.parse(layout).stages if isinstance(layout, str) else tuple(layout)
     exit_on_sigterm()
     token = token if token is not None else load_control_token()
@@ -185,6 +189,7 @@ def start_agents(
     options = {
         "--host": host,
         "--kv-bytes": kv_bytes,
+        "--memory-bytes": memory_bytes,
         "--block-size": block_size,
         "--dtype": dtype,
         "--threads": threads or default_threads(len(stages) + 1),

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port of the reconfiguration endpoint on 127.0.0.1 (default 0: a free one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--kv-bytes", type=int, default=None, help="KV pool budget per stage, in bytes")
+    parser.add_argument("--memory-bytes", type=int, default=None,
+                        help="memory per stage for weights and KV together, in bytes (instead of --kv-bytes)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before HTTP 429")
 
 
@@ -82,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: not a directory")
     configure_threads(1)
     layout = model_layout(args.model, args.layout)
-    with start_agents(args.model, layout, dtype=args.dtype, kv_bytes=args.kv_bytes) as agents:
+    budget = {"kv_bytes": args.kv_bytes, "memory_bytes": args.memory_bytes}
+    with start_agents(args.model, layout, dtype=args.dtype, **budget) as agents:
         config = frontend_config(args.model, agents, host=args.host, port=args.port, max_queue=args.max_queue)
-        pipeline = LivePipeline(args.model, agents, layout, dtype=args.dtype, kv_bytes=args.kv_bytes,
-                                token=config.control_token)
+        pipeline = LivePipeline(args.model, agents, layout, dtype=args.dtype, token=config.control_token, **budget)
         try:
             asyncio.run(serve(config, pipeline, args.reconfigure_port))
         finally:

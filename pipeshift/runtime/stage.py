@@ -9,6 +9,7 @@ receive KV but compute nothing) and `activate` switches to the new range at once
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,8 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeshift.runtime.kv import KVCapacityError, KVSpec, PagedKVCache, SeqSpan
-from pipeshift.runtime.model.checkpoint import EMBED_KEY, NORM_KEY, ModelDir, head_key, layer_keys
+from pipeshift.runtime.kv import KVCapacityError, KVSpec, MemoryBudget, PagedKVCache, SeqSpan
+from pipeshift.runtime.model.checkpoint import (
+    EMBED_KEY,
+    NORM_KEY,
+    ModelDir,
+    expected_shape,
+    head_key,
+    layer_keys,
+)
 from pipeshift.runtime.model.layers import DecoderLayer, LayerWeights, rms_norm
 from pipeshift.runtime.model.rope import RopeTable
 
@@ -32,21 +40,26 @@ class Stage:
 
     The KV pool holds `kv_blocks` blocks (or as many as fit in `kv_bytes`, default 64 MiB) in slabs
     of `slab_blocks`: smaller slabs let the pool shrink finely, one slab makes gathers cheapest.
+    With `memory_bytes` instead, the stage has that much memory for weights and KV together (`memory`):
+    the pool gets the whole slabs that fit beside the weights it loaded (KVCapacityError if not one does).
     """
 
     def __init__(self, model: ModelDir | str | Path, start: int, end: int, *, dtype: torch.dtype = torch.float32,
                  kv_blocks: int | None = None, kv_bytes: int | None = None, block_size: int = 16,
-                 slab_blocks: int = 64) -> None:
+                 slab_blocks: int = 64, memory_bytes: int | None = None) -> None:
         self.model = model if isinstance(model, ModelDir) else ModelDir(model)
         self.config = c = self.model.config
         if not 0 <= start < end <= c.num_layers:
             raise ValueError(f"layer range [{start}, {end}) is not within the model's {c.num_layers} layers")
-        if kv_blocks is not None and kv_bytes is not None:
-            raise ValueError("give kv_blocks or kv_bytes, not both")
+        if sum(x is not None for x in (kv_blocks, kv_bytes, memory_bytes)) > 1:
+            raise ValueError("give one of kv_blocks, kv_bytes or memory_bytes, not several")
         self.dtype = dtype
         self.spec = KVSpec(block_size=block_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype)
+        self.memory = None if memory_bytes is None else MemoryBudget(memory_bytes, self.spec.bytes_per_block,
+                                                                      slab_blocks)
         if kv_blocks is None:
-            kv_blocks = (DEFAULT_KV_BYTES if kv_bytes is None else kv_bytes) // self.spec.bytes_per_block
+            kv_blocks = 0 if memory_bytes is not None else (
+                (DEFAULT_KV_BYTES if kv_bytes is None else kv_bytes) // self.spec.bytes_per_block)
         self.cache = PagedKVCache(self.spec, kv_blocks, slab_blocks=slab_blocks)
         self.rope = RopeTable(c, dtype)
         self.layers: dict[int, DecoderLayer] = {}
@@ -68,6 +81,17 @@ class Stage:
         self.start = self.end = start
         self.load_layers(start, end)
         self.weights_bytes_initial = self.weights_bytes_loaded
+        if self.memory is not None:
+            self._size_pool_to_memory(self.memory)
+
+    def _size_pool_to_memory(self, memory: MemoryBudget) -> None:
+        """The launch pool: whatever whole slabs the memory holds beside the weights just loaded."""
+        weights = self.weight_bytes()
+        blocks = memory.pool_blocks(weights)
+        if blocks == 0:
+            raise KVCapacityError(f"layers [{self.start}, {self.end}) leave no room for a KV pool: "
+                                  f"{memory.describe(weights)}, and a pool needs at least one slab")
+        self.cache.grow(blocks)
 
     @property
     def layer_range(self) -> range:
@@ -292,6 +316,18 @@ class Stage:
         extras = {id(t): t for t in tensors if t is not None}
         return (sum(layer.w.nbytes() for layer in (*self.layers.values(), *self.inactive.values()))
                 + sum(t.numel() * t.element_size() for t in extras.values()))
+
+    def planned_weight_bytes(self, start: int, end: int) -> int:
+        """Weights of a stage holding `[start, end)` of this model in this dtype, from the tensors' shapes (which
+        the loader checks, so this equals `weight_bytes` once that range is loaded): for sizing before a load."""
+        c = self.config
+        keys = [k for i in range(start, end) for k in layer_keys(i)]
+        if end == c.num_layers:
+            keys += [NORM_KEY, head_key(c)]
+        if start == 0:
+            keys.append(EMBED_KEY)  # a tied head is the embedding: the set below counts it once
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(math.prod(expected_shape(c, k)) for k in set(keys)) * itemsize
 
     # ---- compute ---------------------------------------------------------------------------------
 

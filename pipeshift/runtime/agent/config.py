@@ -80,6 +80,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--data-port", _port, 0, "data-plane port; 0 picks a free one", "PORT"),
     _Option("--control-port", _port, 0, "control API port; 0 picks a free one", "PORT"),
     _Option("--kv-bytes", _positive, DEFAULT_KV_BYTES, "memory budget of the KV pool in bytes", "BYTES"),
+    _Option("--memory-bytes", _positive, None, "device memory of this stage for weights and KV together: the pool "
+            "gets what the weights leave, and live changes trade weights for KV (instead of --kv-bytes)", "BYTES"),
     _Option("--block-size", _positive, 16, "tokens per KV block", "TOKENS"),
     _Option("--dtype", _dtype, "float32", f"weights and activations dtype: {', '.join(DTYPES)}", "DTYPE"),
     _Option("--threads", _positive, None, "torch threads (default: cores / processes on this host)", "N"),
@@ -103,6 +105,8 @@ class AgentConfig:
     data_port: int = 0
     control_port: int = 0
     kv_bytes: int = DEFAULT_KV_BYTES
+    # When set, `kv_bytes` is unused: the pool is this memory less the weights held (see `Stage`).
+    memory_bytes: int | None = None
     block_size: int = 16
     dtype: str = "float32"
     threads: int | None = None
@@ -122,6 +126,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
     """Merge flags over environment over defaults, naming the flag and variable of any bad value."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # flag -> where its value came from
     for opt in _OPTIONS:
         dest = opt.flag.lstrip("-").replace("-", "_")
         raw, source = getattr(args, dest, None), opt.flag
@@ -130,10 +135,15 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
         if raw is None:
             values[dest] = opt.default
             continue
+        given[opt.flag] = source
         try:
             values[dest] = opt.parse(raw)
         except ValueError as e:
             raise UserError(f"{source}={raw!r}: {e}") from None
+    if "--memory-bytes" in given and "--kv-bytes" in given:
+        raise UserError(f"--memory-bytes (given as {given['--memory-bytes']}) and --kv-bytes (given as "
+                        f"{given['--kv-bytes']}) exclude each other: with a memory budget the KV pool is what the "
+                        "weights leave of it; give one of them")
     for required in ("--model", "--layers"):
         if values[required.lstrip("-")] is None:
             raise UserError(f"{required} is required (or set {env_name(required)})")

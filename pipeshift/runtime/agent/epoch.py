@@ -8,7 +8,7 @@
 - **flush** (once the frontend reports no E batch in flight): answers when every push is imported.
 - **retire** (after every source flushed): sequences that finished before the frontend armed and that only
   a change reserved here are released, layers that left are dropped with their KV, the pool is resized to
-  the new range, the E+1 route becomes the only one and E+1 the stage's epoch.
+  the new range (`planned_pool`), the E+1 route becomes the only one and E+1 the stage's epoch.
 """
 
 from __future__ import annotations
@@ -37,15 +37,38 @@ logger = logging.getLogger(__name__)
 Range = tuple[int, int]
 
 
-def resize_for(stage: Stage, per_layer: float) -> None:
-    """Pool sized to the held range at the blocks per layer it had before the change, never below what is
-    reserved (the frontend admits against the same figure while the switch is armed)."""
+def planned_pool(stage: Stage, per_layer: float, layers: Range) -> int:
+    """The pool a resize gives a stage holding `layers`: with a memory budget, the whole slabs left beside those
+    layers' weights (the weights of departed layers become KV); without, `per_layer` blocks per layer."""
+    if stage.memory is not None:
+        return stage.memory.pool_blocks(stage.planned_weight_bytes(*layers))
+    return math.ceil(per_layer * (layers[1] - layers[0]))
+
+
+# Live blocks one shrink step may move (8 MiB at the benchmark's 64 KiB blocks): a pool that shrinks after a
+# change compacts in steps between micro-batches rather than stalling one batch for the whole move.
+SHRINK_STEP_BLOCKS = 128
+
+
+def resize_for(stage: Stage, per_layer: float) -> bool:
+    """One step of resizing the pool for the held range to `planned_pool`, never below what is reserved (the
+    frontend admits against the same figure while the switch is armed): a grow at once, a shrink moving at
+    most `SHRINK_STEP_BLOCKS` live blocks. True while the pool is still larger than wanted by a slab or more;
+    the caller repeats the call in later worker hops (`resize_fully`)."""
     cache = stage.cache
-    want = max(cache.reserved_blocks, math.ceil(per_layer * (stage.end - stage.start)))
+    want = max(cache.reserved_blocks, planned_pool(stage, per_layer, (stage.start, stage.end)))
     if want > cache.total_blocks:
         cache.grow(want - cache.total_blocks)
     elif want < cache.total_blocks:
-        cache.shrink(cache.total_blocks - want)
+        cache.shrink(cache.total_blocks - want, max_moved=SHRINK_STEP_BLOCKS)
+    return cache.total_blocks - want >= cache.slab_blocks
+
+
+async def resize_fully(worker: StageWorker, more: bool, per_layer: float) -> None:
+    """Finish a resize whose first step ran on the worker (`more`: it said there is more), a step per hop."""
+    while more:
+        more = await worker.call(resize_for, worker.stage, per_layer)
+    worker.refresh_gauges()
 
 
 class EpochSwitching:
@@ -191,7 +214,8 @@ class EpochSwitching:
             if t.new_range is None:
                 raise StateConflict("this stage leaves the pipeline with the old epoch: stop it instead of retiring")
             pushed = [p.stats() for p in self._pushers.values()]
-            await self.worker.call(self._retire_on_worker, t, set(live), c.resize, c.blocks_per_layer)
+            more = await self.worker.call(self._retire_on_worker, t, set(live), c.resize, c.blocks_per_layer)
+            await resize_fully(self.worker, more, c.blocks_per_layer)
             await self._close_pushers()
             await self.data.retire_route()
             self.epoch, self.change = epoch, None
@@ -202,7 +226,8 @@ class EpochSwitching:
             return {"retired": True, "epoch": epoch, "layers": list(t.new_range), "fence": t.fence.as_json(),
                     "pushed": pushed}  # fmt: skip
 
-    def _retire_on_worker(self, t: Transition, live: set[int], resize: bool, per_layer: float) -> None:
+    def _retire_on_worker(self, t: Transition, live: set[int], resize: bool, per_layer: float) -> bool:
+        """True when the pool has more to shrink (see `resize_fully`)."""
         stage = self.worker.stage
         assert t.new_range is not None
         for seq in stage.sequences():
@@ -211,9 +236,9 @@ class EpochSwitching:
         self.worker.transition = None
         self.worker.gone = None
         stage.activate(*t.new_range)
-        if resize:
-            resize_for(stage, per_layer)
+        more = resize and resize_for(stage, per_layer)
         self.worker.refresh_gauges()
+        return more
 
     async def _disarm(self) -> None:
         """Undo an arm (abort before the frontend armed): one epoch, one route, no pushes."""
@@ -242,6 +267,6 @@ class EpochSwitching:
         if t is None or t.new_range is None or c is None:
             return {"armed": None, "admission": None}
         total = stage.cache.total_blocks
-        planned = math.ceil(c.blocks_per_layer * (t.new_range[1] - t.new_range[0])) if c.resize else total
+        planned = planned_pool(stage, c.blocks_per_layer, t.new_range) if c.resize else total
         return {"armed": {"epoch": t.epoch, "layers": list(t.new_range)},
                 "admission": {"layers": len(stage.loaded_layers), "blocks": min(total, planned)}}  # fmt: skip

@@ -18,6 +18,7 @@ from pipeshift.runtime.agent.config import AgentConfig
 from pipeshift.runtime.agent.control import ControlAPI
 from pipeshift.runtime.agent.dataplane import DataPlane
 from pipeshift.runtime.agent.worker import StageWorker
+from pipeshift.runtime.kv import KVCapacityError
 from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.model.checkpoint import ModelDir
 from pipeshift.runtime.security import load_control_token
@@ -62,9 +63,11 @@ class RunningAgent:
         model = ModelDir(c.model)
         self._check_layers(model.config.num_layers)
         dtype = getattr(torch, c.dtype)
-        stage = await asyncio.to_thread(
-            Stage, model, c.start, c.end, dtype=dtype, kv_bytes=c.kv_bytes, block_size=c.block_size
-        )
+        pool = {"kv_bytes": c.kv_bytes} if c.memory_bytes is None else {"memory_bytes": c.memory_bytes}
+        try:
+            stage = await asyncio.to_thread(Stage, model, c.start, c.end, dtype=dtype, block_size=c.block_size, **pool)
+        except KVCapacityError as exc:
+            raise UserError(f"--memory-bytes {c.memory_bytes}: {exc}") from None
         metrics = AgentMetrics(stage=str(c.stage_id))
         self._worker = StageWorker(stage, c, model.config, metrics)
         self._data = DataPlane(self._worker, metrics, host=c.host, port=c.data_port, token=token)

@@ -17,7 +17,7 @@ from typing import Any
 from pipeshift.errors import UserError
 from pipeshift.runtime.agent.dataplane import DataPlane
 from pipeshift.runtime.agent.downstream import parse_address
-from pipeshift.runtime.agent.epoch import EpochSwitching, resize_for
+from pipeshift.runtime.agent.epoch import EpochSwitching, resize_for, resize_fully
 from pipeshift.runtime.agent.pusher import KVPusher
 from pipeshift.runtime.agent.weights import source_reader
 from pipeshift.runtime.agent.worker import StageWorker, StateConflict
@@ -26,6 +26,7 @@ from pipeshift.runtime.migrate import (
     MIGRATE_ROLE,
     DirtyTracker,
     KVChunk,
+    PlannedChunk,
     blocks_in,
     frame_bytes,
     import_chunk,
@@ -116,19 +117,62 @@ class Reconfigurer(EpochSwitching):
         self.worker.check_range(*layers)
         before = stage.cache.total_blocks
         try:
-            self._fit(lambda: _prepare_need(stage, layers, sequences), resize)
+            if stage.memory is None:
+                self._fit(lambda: _prepare_need(stage, layers, sequences), resize)
+            else:
+                self._make_room(layers, _prepare_need(stage, layers, sequences), resize)
             loaded = stage.prepare(*layers, read=read)
             for seq, tokens in sequences.items():
                 stage.adopt(seq, tokens)
         except KVCapacityError as exc:
             stage.discard_prepared()
+            self._restore_pool(before)
             raise StateConflict(f"{exc} (resize was {'on' if resize else 'off'})") from None
         except ValueError as exc:
+            self._restore_pool(before)
             raise StateConflict(str(exc)) from None
         except UserError as exc:  # the checkpoint lacks or garbles an incoming layer's tensors: say which
+            self._restore_pool(before)
             raise StateConflict(f"cannot load layers [{layers[0]}, {layers[1]}): {exc}") from None
         self.worker.refresh_gauges()
         return loaded, stage.cache.total_blocks - before
+
+    def _make_room(self, layers: tuple[int, int], need: int, resize: bool) -> None:
+        """With a memory budget, before loading `layers`: the weights of every layer held or prepared must fit
+        beside the pool. With `resize` the pool becomes what fits beside them (shrinking gives up free blocks
+        only), and must still hold what is reserved plus `need` more blocks; without, the pool stays and the
+        weights must fit next to it. StateConflict (nothing changed) names the figures when they do not."""
+        stage = self.worker.stage
+        cache, memory = stage.cache, stage.memory
+        assert memory is not None
+        loaded = stage.loaded_layers
+        lo, hi = min(loaded[0], layers[0]), max(loaded[-1] + 1, layers[1])
+        weights = stage.planned_weight_bytes(lo, hi)
+        where = (f"stage {self.worker.config.stage_id} holding layers [{lo}, {hi}) after loading "
+                 f"[{layers[0]}, {layers[1]})")
+        if not resize:
+            if not memory.fits(weights, cache.total_blocks):
+                raise StateConflict(
+                    f"{where} does not fit in memory without resizing the pool: weights {weights} bytes + the pool's "
+                    f"{cache.total_blocks} blocks of {memory.block_bytes} bytes exceed memory {memory.memory_bytes} "
+                    f"bytes ({memory.describe(weights)})")
+            return
+        room = memory.pool_blocks(weights)
+        wanted = cache.reserved_blocks + need
+        if wanted > room:
+            raise StateConflict(
+                f"{where} cannot shrink its KV pool to make room for the weights: {memory.describe(weights)}, but "
+                f"{cache.reserved_blocks} blocks are reserved and live sequences need {need} more")
+        if cache.total_blocks > room:
+            cache.shrink(cache.total_blocks - room)
+        elif wanted > cache.total_blocks:
+            cache.grow(wanted - cache.total_blocks)
+
+    def _restore_pool(self, blocks: int) -> None:
+        """After a failed prepare: give back the slabs `_make_room` took (grown slabs are left to abort)."""
+        cache = self.worker.stage.cache
+        if cache.total_blocks < blocks:
+            cache.grow(blocks - cache.total_blocks)
 
     def _receivable(self) -> frozenset[int]:
         """On the worker, after prepare: the layers KV may arrive for; releases are tracked from now on."""
@@ -141,9 +185,13 @@ class Reconfigurer(EpochSwitching):
         return _Change(reconfig_id, "armed")
 
     def _fit(self, need: Callable[[], int], resize: bool) -> None:
-        """Grow the pool so `need()` more blocks can be reserved, when resizing is allowed."""
-        cache = self.worker.stage.cache
+        """Grow the pool so `need()` more blocks can be reserved, when resizing is allowed; with a memory budget
+        never past what fits beside the weights loaded (the reservation then fails, naming the figures)."""
+        stage = self.worker.stage
+        cache = stage.cache
         short = need() - (cache.total_blocks - cache.reserved_blocks)
+        if short > 0 and resize and stage.memory is not None:
+            short = min(short, stage.memory.pool_blocks(stage.weight_bytes()) - cache.total_blocks)
         if short > 0 and resize:
             cache.grow(short)
 
@@ -163,13 +211,13 @@ class Reconfigurer(EpochSwitching):
             if self.change is None:
                 self.change = _Change(reconfig_id, "precopy")
             started = time.perf_counter()
-            chunks = await self.worker.call(self._tracker.collect, self.worker.stage, target, layers)
+            # Only the plan (tables, versions, lengths) is taken on the worker; the blocks are copied off it.
+            chunks = await self.worker.call(self._tracker.plan, self.worker.stage, target, layers)
             if chunks:
                 await self._send(host, port, chunks)
-                await self.worker.call(self._tracker.mark_sent, target, chunks)
             seconds = time.perf_counter() - started
             remaining, remaining_bytes = await self.worker.call(
-                self._tracker.remaining, self.worker.stage, target, layers
+                self._tracker.sent_then_remaining, self.worker.stage, target, list(layers), chunks
             )
             return {
                 "blocks": blocks_in(chunks),
@@ -180,8 +228,9 @@ class Reconfigurer(EpochSwitching):
                 "dirty_bytes_remaining": remaining_bytes,
             }
 
-    async def _send(self, host: str, port: int, chunks: Sequence[KVChunk]) -> None:
-        """Stream the chunks, then ask the target to confirm it imported all of them."""
+    async def _send(self, host: str, port: int, chunks: Sequence[PlannedChunk]) -> None:
+        """Copy each chunk's blocks on a helper thread (the next one while this one is sent) and stream them,
+        then ask the target to confirm it imported all of them."""
         try:
             client = await FrameClient.connect(
                 host, port, role=MIGRATE_ROLE, stage_id=self.worker.config.stage_id, token=self.token,
@@ -190,7 +239,12 @@ class Reconfigurer(EpochSwitching):
         except (OSError, TimeoutError, FrameError) as exc:
             raise StateConflict(f"cannot reach target {host}:{port} for pre-copy: {exc}") from None
         try:
-            for chunk in chunks:
+            loop = asyncio.get_running_loop()
+            loading = loop.run_in_executor(None, chunks[0].load)
+            for i in range(len(chunks)):
+                chunk = await loading
+                if i + 1 < len(chunks):
+                    loading = loop.run_in_executor(None, chunks[i + 1].load)
                 for frame in chunk.frames():
                     await client.send(frame)
             await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
@@ -243,7 +297,8 @@ class Reconfigurer(EpochSwitching):
             stage = self.worker.stage
             per_layer = c.blocks_per_layer if c is not None and c.blocks_per_layer else (
                 stage.cache.total_blocks / max(1, stage.end - stage.start))  # fmt: skip
-            await self.worker.call(self._commit_on_worker, layers, set(sequences), resize, per_layer)
+            more = await self.worker.call(self._commit_on_worker, layers, set(sequences), resize, per_layer)
+            await resize_fully(self.worker, more, per_layer)
             await self.data.downstream.route(downstream)
             self.epoch = epoch
             self.change = None
@@ -253,7 +308,8 @@ class Reconfigurer(EpochSwitching):
                         reconfig_id, epoch, layers)  # fmt: skip
             return True
 
-    def _commit_on_worker(self, layers: tuple[int, int], live: set[int], resize: bool, per_layer: float) -> None:
+    def _commit_on_worker(self, layers: tuple[int, int], live: set[int], resize: bool, per_layer: float) -> bool:
+        """True when the pool has more to shrink (see `resize_fully`)."""
         stage = self.worker.stage
         self.worker.check_range(*layers)
         missing = [i for i in range(*layers) if i not in stage.layers and i not in stage.inactive]
@@ -269,9 +325,9 @@ class Reconfigurer(EpochSwitching):
                 stage.release(seq)
         stage.activate(*layers)
         self.worker.gone = None
-        if resize:
-            resize_for(stage, per_layer)
+        more = resize and resize_for(stage, per_layer)
         self.worker.refresh_gauges()
+        return more
 
     async def abort(self, reconfig_id: str) -> list[int]:
         """Layers whose prepared weights were dropped; a repeated abort answers [] and does nothing."""
@@ -298,8 +354,10 @@ class Reconfigurer(EpochSwitching):
         dropped = stage.discard_prepared()
         cache = stage.cache
         spare = cache.total_blocks - cache.reserved_blocks
-        if grown and spare:
+        if grown > 0 and spare:
             cache.shrink(min(grown, spare))
+        elif grown < 0:  # prepare shrank the pool for weights that are gone again
+            cache.grow(-grown)
         self.worker.refresh_gauges()
         return dropped
 

@@ -222,6 +222,7 @@ class StageWorker:
             "loaded_layers": self.stage.loaded_layers,
             "kv_layers": self.stage.kv_layers(),
             "weight_bytes": self.stage.weight_bytes(),
+            "memory_bytes": self.config.memory_bytes,  # None: the pool was sized by --kv-bytes
             "num_layers": self.model.num_layers,
             "hidden_size": self.model.hidden_size,
             "vocab_size": self.model.vocab_size,
