@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/pipeshift demo
 
 test: $(STAMP) tools e2e-tools
-	$(PY) -m pytest -q tests e2e
+	$(PY) -m pytest -q --durations=30 tests e2e
 
 e2e: $(STAMP) e2e-tools
 	$(PY) -m pytest -q e2e
