@@ -11,22 +11,18 @@ finds it gone. The victim is stage 1, kept by the change with another range (2 â
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from e2e.bed import Cluster, FakeNode, ProcessKubelet
 from e2e.bed.procs import wait_until
-from e2e.operator_proc import LoadGenerator, OperatorProcess, installed_chart, lost, mismatched, settled_committed
-from e2e.test_live_change import MAX_TOKENS, PROMPTS, THREE, patch_layout, serve_two_stages
-from e2e.test_operator_restart import TWO, summary
+from e2e.operator_proc import LoadGenerator, lost, mismatched
+from e2e.resume_bed import TWO, Bed, restart_until_settled, serving_bed, summary
+from e2e.test_live_change import MAX_TOKENS, PROMPTS, THREE, patch_layout
 from e2e.test_pinned_pipeline import (  # noqa: F401 (tiny_model is a fixture)
     _events,
-    _pipeline_obj,
-    _reference,
     tiny_model,
 )
 
@@ -34,39 +30,11 @@ NAME = "deathmid"
 VICTIM = 1
 
 
-class Bed:
-    def __init__(self, cluster: Cluster, namespace: str, operator: OperatorProcess, expected: list[list[int]]) -> None:
-        self.cluster, self.namespace, self.operator, self.expected = cluster, namespace, operator, expected
-
-    def status(self) -> dict[str, Any]:
-        return _pipeline_obj(self.cluster, self.namespace, NAME).get("status", {})
-
-    def pod(self, name: str) -> dict[str, Any] | None:
-        found = self.cluster.rest.get(f"/api/v1/namespaces/{self.namespace}/pods",
-                                      fieldSelector=f"metadata.name={name}")["items"]
-        return found[0] if found else None
-
-
 @pytest.fixture(scope="module")
 def bed(cluster: Cluster, gpu_nodes: tuple[FakeNode, ...], helm: Path, tiny_model: Path,  # noqa: F811
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    work = tmp_path_factory.mktemp("stage-death")
-    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
-    cluster.rest.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    wait_until(lambda: bool(cluster.rest.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default").get("secrets")),
-               60, "the namespace's default ServiceAccount token")
-    with installed_chart(cluster, helm, work) as kubeconfig:
-        operator = OperatorProcess(cluster, kubeconfig, work).start()
-        try:
-            serve_two_stages(cluster, namespace, NAME, tiny_model, operator)
-            yield Bed(cluster, namespace, operator, _reference(tiny_model, PROMPTS, MAX_TOKENS))
-        finally:
-            if operator.proc is None or not operator.proc.running():
-                cluster.kubectl("patch", "llmp", NAME, "-n", namespace, "--type=merge", "-p",
-                                '{"metadata":{"finalizers":null}}', check=False)
-            cluster.kubectl("delete", "llmp", NAME, "-n", namespace, "--timeout=60s", check=False)
-            operator.stop()
-            cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    with serving_bed(cluster, helm, tiny_model, tmp_path_factory.mktemp("stage-death"), NAME) as ready:
+        yield ready
 
 
 @pytest.mark.parametrize(("phase", "outcome"), [("precopying", "rollback"), ("retiring", "forward")])
@@ -93,18 +61,8 @@ def test_a_stage_pod_deleted_mid_change_rolls_back_or_forward_losing_nothing(
         bed.cluster.kubectl("delete", "pod", victim["pod"], "-n", bed.namespace, "--wait=false")
         wait_until(lambda: (bed.pod(victim["pod"]) or {}).get("status", {}).get("podIP") != victim["podIP"], 60,
                    f"pod {victim['pod']} gone")
-        bed.operator.proc = None
-        bed.operator.start()
-
-        def settled() -> bool:
-            s = bed.status()
-            return settled_committed(s) and s.get("layoutSummary") == summary(target)
-
-        wait_until(settled, 300, f"the change to {summary(target)} done after stage {VICTIM} died in {phase}",
-                   watch=[bed.operator.proc], interval=0.3)
+        restart_until_settled(bed, target, load, 300, f"after stage {VICTIM} died in {phase}")
         request.node.user_properties.append(("seconds_delete_to_settled", round(time.monotonic() - struck, 1)))
-        served_at_end = load.served()
-        wait_until(lambda: load.served() >= served_at_end + 4, 120, "answers through the new layout")
     finally:
         outcomes = load.stop()
     assert not lost(outcomes), lost(outcomes)[:3]

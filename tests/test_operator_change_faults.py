@@ -10,14 +10,20 @@ import http.server
 import random
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from _streaming import Streamed, assert_exact, assert_holds_exactly, oracle, streaming, under_load
-from test_operator_change import KV_BYTES, LAYERS, VOCAB, Serving
+from test_operator_change import (  # noqa: F401 (model_dir and serving are fixtures)
+    KV_BYTES,
+    VOCAB,
+    Serving,
+    model_dir,
+    serving,
+)
 
 from pipeshift.api import Layout, StagePlan, plan_moves
 from pipeshift.local.processes import start_agents
@@ -36,7 +42,6 @@ from pipeshift.operator.change import (
 )
 from pipeshift.operator.reconcile import ChangeRequest, Create, Delete, Event, Observed, PodView
 from pipeshift.operator.spec import PipelineRef, parse_spec
-from pipeshift.runtime.model.make_model import make_model
 
 ROOT = Path(__file__).parent.parent
 PINNED = yaml.safe_load((ROOT / "examples" / "llmpipeline-pinned.yaml").read_text())
@@ -248,23 +253,8 @@ def test_a_stage_dying_while_retiring_rolls_forward_and_comes_back_in_its_new_ra
 # --- the roll forward on real agents ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(tmp_path_factory.mktemp("faults") / "tiny", layers=LAYERS, hidden=32, heads=4, kv_heads=2,
-                      intermediate=64, vocab=VOCAB, seed=5, tie_embeddings=True)
-
-
-@pytest.fixture
-def serving(model_dir: Path) -> Iterator[Serving]:
-    running = Serving(model_dir, "4,4")
-    try:
-        yield running
-    finally:
-        running.close()
-
-
 def test_a_stage_killed_after_the_commit_point_comes_back_in_its_new_range_and_nothing_is_lost(
-    serving: Serving, model_dir: Path,
+    serving: Serving, model_dir: Path,  # noqa: F811
 ) -> None:
     """What the operator does across passes, step by step on fresh steppers: the change commits, stage 1
     (kept, its range shrinking from [4, 8) to [4, 6)) is killed, a fresh agent is started in [4, 6) (the
