@@ -22,6 +22,7 @@ from pipeshift.runtime.agent.dataplane import _carrying, _fits, _Held
 from pipeshift.runtime.agent.transition import Transition, missing_kv
 from pipeshift.runtime.agent.worker import StageWorker
 from pipeshift.runtime.frontend.admission import KVMirror, StageBudget
+from pipeshift.runtime.frontend.epoch_switch import budgets as epoch_budgets
 from pipeshift.runtime.frontend.sampling import SamplingParams
 from pipeshift.runtime.frontend.scheduler import Scheduler, SchedulerConfig, SwitchError
 from pipeshift.runtime.frontend.sequence import GenerationParams, Sequence, State
@@ -162,6 +163,32 @@ def test_stage_info_describes_an_armed_stage_by_its_new_range_and_admission_budg
     assert armed.reservations == {7: 12}
     plain = StageInfo.from_json({**body, "armed": None, "admission": None})
     assert (plain.start, plain.end, plain.admission_layers, plain.admission_blocks) == (4, 8, 4, 100)
+
+
+def test_an_armed_stage_admits_new_requests_against_its_pool_now_and_the_pool_it_shrinks_to() -> None:
+    """A stage going from layers 4–7 to 6–7 reserves for all four until the old epoch retires, then for two
+    in a pool resized to half: requests keep being admitted while the switch is armed as long as they fit
+    both (before, admission counted four layers against the smaller pool and stopped for the whole switch)."""
+    body = {"stage_id": 1, "layers": [4, 8], "hidden_size": 32, "vocab_size": VOCAB, "dtype": "float64",
+            "block_size": 4, "epoch": 0, "data": {"host": "127.0.0.1", "port": 9},
+            "kv": {"total_blocks": 100, "reserved_blocks": 64, "reservations": {"7": 64}},
+            "armed": {"epoch": 1, "layers": [6, 8]},
+            "admission": {"layers": 4, "blocks": 100, "after": {"layers": 2, "blocks": 50}}}
+    info = StageInfo.from_json(body, armed=True)
+    assert (info.after_layers, info.after_blocks) == (2, 50)
+    budgets, held = epoch_budgets([info])
+    assert [(b.stage_id, b.num_layers, b.total_blocks) for b in budgets] == [(1, 4, 100), (1, 2, 50)]
+    assert held == [{7: 64}, {7: 64}]
+    mirror = KVMirror(budgets)
+    mirror.reserve(64)  # sequence 7: 16 blocks per layer, 64 now, 32 after
+    assert mirror.reserved_blocks == [64, 32]
+    assert mirror.fits(32)  # 32 more blocks now (36 free), 16 after (18 free)
+    assert not mirror.fits(40)  # 40 more now: the pool it has is too small
+    shrinking = KVMirror([StageBudget(1, 4, 4, 100), StageBudget(1, 2, 4, 40)])
+    shrinking.reserve(64)
+    assert shrinking.fits(12) and not shrinking.fits(20)  # 10 blocks after, 8 free: the pool it shrinks to
+    plain = StageInfo.from_json({**body, "armed": None, "admission": None})
+    assert epoch_budgets([plain])[0] == [StageBudget(1, 4, 4, 100)]
 
 
 # ---- KV: the fence and imports ------------------------------------------------------------------

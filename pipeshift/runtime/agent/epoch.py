@@ -268,5 +268,6 @@ class EpochSwitching:
             return {"armed": None, "admission": None}
         total = stage.cache.total_blocks
         planned = planned_pool(stage, c.blocks_per_layer, t.new_range) if c.resize else total
+        after = {"layers": t.new_range[1] - t.new_range[0], "blocks": planned}
         return {"armed": {"epoch": t.epoch, "layers": list(t.new_range)},
-                "admission": {"layers": len(stage.loaded_layers), "blocks": min(total, planned)}}  # fmt: skip
+                "admission": {"layers": len(stage.loaded_layers), "blocks": total, "after": after}}  # fmt: skip

@@ -30,9 +30,21 @@ logger = logging.getLogger(__name__)
 RETIRE_POLL_S = 0.05
 
 
-def budgets(infos: list[StageInfo]) -> list[StageBudget]:
-    """Admission budgets as the stages report them (the armed union of layers while a switch is armed)."""
-    return [StageBudget(i.stage_id, i.admission_layers, i.block_size, i.admission_blocks) for i in infos]
+def budgets(infos: list[StageInfo]) -> tuple[list[StageBudget], list[dict[int, int]]]:
+    """Admission budgets as the stages report them, each with its stage's reservations. An armed stage has
+    two: now (the union of its layers, in the pool it has) and after the old epoch retires (its new layers,
+    in the pool it resizes to); a request is admitted only if it fits both, so new requests keep being
+    admitted while the switch is armed without over-filling the pool a stage shrinks to."""
+    out: list[StageBudget] = []
+    held: list[dict[int, int]] = []
+    for i in infos:
+        out.append(StageBudget(i.stage_id, i.admission_layers, i.block_size, i.admission_blocks))
+        held.append(i.reservations)
+        if (i.after_layers, i.after_blocks) != (i.admission_layers, i.admission_blocks):
+            # Sequences it holds that the frontend does not know count with the union's blocks: an overcount.
+            out.append(StageBudget(i.stage_id, i.after_layers, i.block_size, i.after_blocks))
+            held.append(i.reservations)
+    return out, held
 
 
 class EpochSwitching:
@@ -86,7 +98,7 @@ class EpochSwitching:
         # The critical section: no await from here to the end, so no batch can be built half-way through.
         started = time.perf_counter()
         self._retired.clear()
-        s.rebuild_mirror(budgets(infos), [i.reservations for i in infos])
+        s.rebuild_mirror(*budgets(infos))
         s.arm(epoch, s.mirror)
         paused_s = time.perf_counter() - started
         self._armed_at = time.monotonic()
@@ -134,7 +146,7 @@ class EpochSwitching:
         except BaseException:
             self.infos = old
             raise
-        self.scheduler.rebuild_mirror(budgets(infos), [i.reservations for i in infos])
+        self.scheduler.rebuild_mirror(*budgets(infos))
         self.scheduler.pump()
         s = self.scheduler
         return {"settled": True, "epoch": s.epoch, "reserved_blocks": s.mirror.reserved_blocks}

@@ -262,7 +262,7 @@ class Frontend(EpochSwitching, StageRecovery, ZeroStages):
             requeued = self.scheduler.readmit_all(fresh)
             logger.info("re-prefilling %d live sequences on the new chain", len(requeued))
         else:
-            self.scheduler.rebuild_mirror(budgets(infos), [i.reservations for i in infos])
+            self.scheduler.rebuild_mirror(*budgets(infos))
 
     def _check_stages(self) -> None:
         """The stages must hold the model's layers in order, with its vocabulary; else they are mis-wired."""

@@ -32,9 +32,11 @@ class StageUnreachable(RuntimeError):
 class StageInfo:
     """What `GET /info` tells the frontend about one stage.
 
-    `admission_layers`/`admission_blocks`: what admission must count with while an epoch switch is armed on
-    the stage (it reserves for the union of its old and new layers, and its pool will shrink to at least
-    `admission_blocks` when the old epoch retires); otherwise its layer count and pool size.
+    `admission_layers`/`admission_blocks`: what admission must count with now: while an epoch switch is armed
+    on the stage, the union of its old and new layers (it reserves for all of them until the old epoch
+    retires) in the pool it has; otherwise its layer count and pool size. `after_layers`/`after_blocks`:
+    while armed, what must also fit once the old epoch retired: its new layers in the pool it resizes to
+    (else the same as now).
     `reservations`: blocks the stage reserves per sequence, to spot sequences the frontend does not know.
     """
 
@@ -52,6 +54,8 @@ class StageInfo:
     epoch: int
     admission_layers: int = 0
     admission_blocks: int = 0
+    after_layers: int = 0
+    after_blocks: int = 0
     reservations: dict[int, int] = field(default_factory=dict)
 
     @classmethod
@@ -60,6 +64,7 @@ class StageInfo:
         kv, data = body["kv"], body["data"]
         start, end = body["armed"]["layers"] if armed else body["layers"]
         admission = body.get("admission") or {"layers": int(end) - int(start), "blocks": kv["total_blocks"]}
+        after = admission.get("after") or admission
         return cls(
             stage_id=int(body["stage_id"]),
             start=int(start),
@@ -75,6 +80,8 @@ class StageInfo:
             epoch=int(body.get("epoch", 0)),
             admission_layers=int(admission["layers"]),
             admission_blocks=int(admission["blocks"]),
+            after_layers=int(after["layers"]),
+            after_blocks=int(after["blocks"]),
             reservations={int(k): int(v) for k, v in kv.get("reservations", {}).items()},
         )
 
