@@ -450,3 +450,25 @@ def test_a_bounded_shrink_moves_at_most_its_budget_per_step_and_ends_where_one_s
         for cache in (stepped, whole):
             k, v = cache.read(seq, 0)
             assert torch.equal(k, before[seq][0]) and torch.equal(v, before[seq][1])
+
+
+def test_prefaulted_read_workspaces_hold_any_gather_that_fits_without_growing() -> None:
+    """A stage joining a running pipeline touches its read workspaces at prepare (`prefault_reads`), so its
+    first steps reuse them instead of growing (and page-faulting) them while every sequence waits."""
+    cache = make_cache(num_blocks=8, slab_blocks=2)
+    cache.reserve(0, 3)
+    cache.reserve(1, 2)
+    cache.write(0, 0, 0, tokens(3 * BS), tokens(3 * BS, 500.0))
+    cache.write(1, 0, 0, tokens(2 * BS - 1, 1000.0), tokens(2 * BS - 1, 2000.0))
+    expected = cache.read_batch(0, [(0, 3 * BS), (1, 2 * BS - 1)])  # a fresh copy each
+    assert cache.stats()["workspace_bytes"] < 2 * (2 * 6 * BS * HEADS * DIM * 4)
+    cache.prefault_reads(6)  # two sequences, three blocks wide
+    block_bytes = BS * HEADS * DIM * 4
+    prefaulted = cache.stats()["workspace_bytes"]
+    assert prefaulted == 2 * (2 * 6 * block_bytes)  # K and V of six blocks, in each of the two workspaces
+    got = cache.read_batch(0, [(0, 3 * BS), (1, 2 * BS - 1)], scratch=True)
+    assert cache.stats()["workspace_bytes"] == prefaulted, "a gather that fits must not grow the workspaces"
+    assert torch.equal(got[0][0], expected[0][0]) and torch.equal(got[1][0], expected[1][0])
+    assert torch.equal(got[0][1, : 2 * BS - 1], expected[0][1, : 2 * BS - 1])
+    cache.prefault_reads(2)  # never shrinks
+    assert cache.stats()["workspace_bytes"] == prefaulted

@@ -211,6 +211,10 @@ def test_adding_a_stage_4_4_to_3_3_2_with_a_new_process_decodes_exactly(model: P
             prep = {"reconfig_id": rid, "epoch": 1, "sequences": seqs}
             assert (await grab(a1, "/reconfig/prepare", {**prep, "layers": [3, 6]}))["loaded"] == [3]
             assert (await grab(a2, "/reconfig/prepare", {**prep, "layers": [6, 8]}))["loaded"] == []
+            # It never served: prepare touched read workspaces for a gather of every sequence, which its first
+            # steps then reuse (two workspaces, each K and V of that many blocks).
+            kv = (await grab(a2))["kv"]
+            assert kv["workspace_bytes"] == 2 * len(seqs) * max(map(blocks, seqs.values())) * kv["block_bytes"]
             to_a1 = {"reconfig_id": rid, "target": a1.data_address, "layers": [3]}
             to_a2 = {"reconfig_id": rid, "target": a2.data_address, "layers": [6, 7]}
             for _ in range(2):

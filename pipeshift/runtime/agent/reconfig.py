@@ -124,6 +124,9 @@ class Reconfigurer(EpochSwitching):
             loaded = stage.prepare(*layers, read=read)
             for seq, tokens in sequences.items():
                 stage.adopt(seq, tokens)
+            if sequences and self.worker.stats.batches == 0:  # joins the pipeline: its first steps read them all
+                widest = max(stage.spec.blocks_for(tokens, 1) for tokens in sequences.values())
+                stage.cache.prefault_reads(len(sequences) * widest)
         except KVCapacityError as exc:
             stage.discard_prepared()
             self._restore_pool(before)

@@ -236,6 +236,8 @@ class StageWorker:
                 "reserved_blocks": kv["reserved_blocks"],
                 "free_blocks": kv["free_blocks"],
                 "block_bytes": kv["bytes_per_block"],
+                # the read workspaces beside the pool: reused gather buffers, grown to the widest batch read
+                "workspace_bytes": kv["workspace_bytes"],
                 # per sequence, so a frontend taking over a pool can count what it does not know about
                 "reservations": {str(seq): self.stage.cache.reserved_for(seq) for seq in self.stage.cache.sequences()},
             },

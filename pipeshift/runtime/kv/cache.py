@@ -232,6 +232,10 @@ class PagedKVCache:
         k, v = self._pool.read(ids, scratch)
         return k.view(shape), v.view(shape)
 
+    def prefault_reads(self, blocks: int) -> None:
+        """Size and touch the read workspaces for a gather of `blocks` blocks now (see `BlockPool.prefault`)."""
+        self._pool.prefault(blocks)
+
     def export_blocks(self, seq_id: int, layer: int, logical: list[int]) -> tuple[Tensor, list[int]]:
         """Copies of the given logical blocks, `[len(logical), 2, block_size, kv_heads, head_dim]`, and versions."""
         where, versions = self.locate_blocks(seq_id, layer, logical)
