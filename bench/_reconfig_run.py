@@ -24,7 +24,7 @@ from _reconfig_measure import Record, measure
 
 from pipeshift.api import Layout, plan_moves
 from pipeshift.control import ReconfigReport, reconfigure, stage_layer_tokens, tokens_recomputed
-from pipeshift.control.reconfigure import ReconfigFailed
+from pipeshift.control.reconfigure import ReconfigFailed, SwitchBudget
 from pipeshift.local.demo_change import StandbyPipeline
 from pipeshift.local.processes import http_json, start_agents
 from pipeshift.runtime.frontend import BackgroundFrontend, FrontendConfig
@@ -38,7 +38,11 @@ STRATEGIES: dict[str, tuple[str, str | None]] = {
     "live-epoch": ("live", "epoch"),
     "live-no-resize": ("live-no-resize", "default"),
     "live-default": ("live", "default"),
+    "live-epoch-paced": ("live", "epoch"),
 }
+# Strategies whose pre-copy is capped (`SwitchBudget.precopy_bytes_per_s`, bytes/s for all pairs together): the
+# same switch, trading a longer pre-copy for less slowdown of the decode steps it overlaps.
+PRECOPY_CAPS: dict[str, float] = {"live-epoch-paced": 64e6}
 CLIENT_TIMEOUT_S = 1800.0
 # Serving's default step timeout (30 s) fails every request when one micro-batch is that slow, which a host
 # shared with other work can cause during a 2000-token prefill; the benchmark measures the switch, not the
@@ -184,6 +188,8 @@ def change(running: Running, to: str, name: str) -> tuple[dict[str, Any], float,
         kwargs["switch"] = switch
     elif len(switch_support()) > 1 and switch is None:
         kwargs["switch"] = "drain"  # restart and stop-copy hold by definition
+    if name in PRECOPY_CAPS:
+        kwargs["budget"] = SwitchBudget(precopy_bytes_per_s=PRECOPY_CAPS[name])
     plan = plan_moves(pipeline.layout, Layout.parse(to, num_layers=pipeline.layout.num_layers))
     start = time.time()
     try:

@@ -182,6 +182,10 @@ def test_layers_can_be_unloaded_and_loaded_at_the_end_of_the_range(agent: Agent)
         ("/route", {"request_id": "b4", "downstream": 7}, "downstream"),
         ("/route", {"request_id": "b5", "downstream": "nowhere"}, "host:port"),
         ("/route", {"request_id": "b6", "downstream": "127.0.0.1:1", "extra": 1}, "extra"),
+        ("/reconfig/precopy", {"request_id": "b7", "reconfig_id": "r", "target": "127.0.0.1:1", "layers": [0],
+                               "max_bytes_per_s": 0}, "max_bytes_per_s"),
+        ("/reconfig/precopy", {"request_id": "b8", "reconfig_id": "r", "target": "127.0.0.1:1", "layers": [0],
+                               "max_bytes_per_s": "fast"}, "max_bytes_per_s"),
     ],
 )
 def test_a_bad_body_is_a_400_naming_the_field(

@@ -20,7 +20,9 @@ from pipeshift.control import reconfigure
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("restart", "stop-copy", "live-drain", "live-epoch", "live-no-resize")
 CONTRACT = ("pause_ms", "switch_duration_ms", "kv_bytes_moved", "ttft_p95_overhead", "tpot_p95_overhead")
-MOVES_KV = ("stop-copy", "live-drain", "live-epoch", "live-no-resize")
+# Beside the contract: `live-epoch` with a capped pre-copy, held to the same invariants.
+PACED = "live-epoch-paced"
+MOVES_KV = ("stop-copy", "live-drain", "live-epoch", "live-no-resize", PACED)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,8 @@ def test_epoch_ran_if_reconfigure_offers_it_and_is_marked_unavailable_otherwise(
 
 def test_every_run_loses_nothing_and_only_restart_recomputes(bench: tuple[dict[str, Any], dict[str, Any]]) -> None:
     strategies = bench[0]["strategies"]
-    for name in NAMES:
+    assert strategies[PACED]["available"] and strategies[PACED]["switch"] == "epoch"
+    for name in (*NAMES, PACED):
         for run in strategies[name]["runs"]:
             assert "failed" not in run, (name, run)
             assert run["outcome"] == "committed", (name, run["error"])

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pipeshift.api import Layout, plan_moves
 from pipeshift.control.phases import Phase, PhaseClock, PhaseError
 from pipeshift.control.precopy import STALLED_FRACTION, RoundStats, copy_pairs, precopy_done
+from pipeshift.control.reconfigure import SwitchBudget
 
 
 class FakeTime:
@@ -120,3 +121,11 @@ def test_precopy_stops_when_a_round_no_longer_converges() -> None:
     converging = RoundStats(blocks=10, bytes=100_000_000, seconds=1.0, dirty_blocks=4, dirty_bytes=40_000_000)
     assert precopy_done([stalled], 0.01, 4)
     assert not precopy_done([converging], 0.01, 4)
+
+
+@pytest.mark.parametrize("rate", [0, -1.0, float("inf"), float("nan")])
+def test_a_precopy_rate_cap_must_be_a_positive_number_of_bytes_per_second(rate: float) -> None:
+    with pytest.raises(ValueError, match="precopy_bytes_per_s"):
+        SwitchBudget(precopy_bytes_per_s=rate)
+    assert SwitchBudget(precopy_bytes_per_s=50e6).precopy_bytes_per_s == 50e6
+    assert SwitchBudget().precopy_bytes_per_s is None

@@ -164,10 +164,15 @@ def test_boundary_shift_4_4_to_3_5_moves_kv_exactly_and_frees_the_source(model: 
             await chain.run([], release=(2,))
             await chain.run([(4, [7, 8, 9, 10, 11, 12])])
             await chain.decode(1)
-            dirty = sum(blocks(chain.lengths[s]) - before[s] // BLOCK for s in (1, 3)) + blocks(chain.lengths[4])
-            second = await grab(a0, "/reconfig/precopy", precopy)
+            per_seq = [blocks(chain.lengths[s]) - before[s] // BLOCK for s in (1, 3)] + [blocks(chain.lengths[4])]
+            dirty, block_bytes = sum(per_seq), (await grab(a0))["kv"]["block_bytes"]
+            # Capped so the round's bytes take a second: each sequence's chunk waits for the time the ones
+            # before it were given, so the last one starts no sooner than the others' bytes allow.
+            rate = dirty * block_bytes / 1.0
+            second = await grab(a0, "/reconfig/precopy", {**precopy, "max_bytes_per_s": rate})
             assert second["blocks"] == dirty < first["blocks"] + blocks(chain.lengths[4])
-            assert second["bytes"] == dirty * (await grab(a0))["kv"]["block_bytes"]
+            assert second["bytes"] == dirty * block_bytes
+            assert second["seconds"] >= (dirty - max(per_seq)) * block_bytes / rate
 
             await chain.decode(1)  # the last step before the drain dirties each sequence's tail block
             final = await grab(a0, "/reconfig/precopy", precopy)

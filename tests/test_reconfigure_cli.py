@@ -64,7 +64,8 @@ def test_reconfigure_changes_a_serving_pipeline_without_losing_or_changing_a_tok
             tasks = [asyncio.create_task(stream_tokens(session, url, p, n, seen)) for p, n in requests]
             while sum(seen) < 10:
                 await asyncio.sleep(0.01)
-            done = await asyncio.to_thread(reconfigure, url, "--to", "1,3", "--json")
+            # A cap high enough not to slow the test: it must still reach every source's pre-copy call.
+            done = await asyncio.to_thread(reconfigure, url, "--to", "1,3", "--precopy-rate", "1e9", "--json")
             return done, list(await asyncio.gather(*tasks))
 
     done, results = asyncio.run(scenario())
@@ -91,3 +92,10 @@ def test_reconfigure_without_a_server_is_a_one_line_error() -> None:
     done = reconfigure("http://127.0.0.1:9", "--to", "2,2")
     assert done.returncode == 2 and "no answer" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rate", ["0", "-5", "fast", "inf"])
+def test_a_bad_precopy_rate_is_refused_before_anything_is_asked(rate: str) -> None:
+    done = reconfigure("http://127.0.0.1:9", "--to", "2,2", "--precopy-rate", rate)
+    assert done.returncode == 2 and f"--precopy-rate {rate!r}" in done.stderr, done.stderr
+    assert "no answer" not in done.stderr

@@ -89,8 +89,10 @@ def run_round(
     clients: Mapping[int, ControlClient],
     data_addresses: Mapping[int, str],
     timeout_s: float,
+    rate: float | None = None,
 ) -> RoundStats:
-    """One pre-copy round on every pair at once (sources work on their own compute workers)."""
+    """One pre-copy round on every pair at once (sources work on their own compute workers); `rate`: bytes/s
+    for all pairs together, each pair sending at its even share."""
 
     def one(pair: CopyPair) -> dict[str, Any]:
         body = {
@@ -99,6 +101,8 @@ def run_round(
             "target": data_addresses[pair.target],
             "layers": list(pair.layers),
         }
+        if rate is not None:
+            body["max_bytes_per_s"] = rate / len(pairs)
         return clients[pair.source].post("/reconfig/precopy", body, timeout_s)
 
     if not pairs:

@@ -77,7 +77,7 @@ class Stepper(_Run):
         self._load()
         self.clock.enter(Phase.PRECOPYING)
         while self.pairs and not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds):
-            self._round()
+            self._round(rate=self.budget.precopy_bytes_per_s)
         return self.report.kv_bytes_moved
 
     def arm(self) -> None:

@@ -51,10 +51,11 @@ class LivePipeline:
 
     def change(self, frontend_url: str, to: str, strategy: str = "live", *, weights: str = "checkpoint",
                before_hold: Callable[[], None] | None = None, switch: str = "epoch",
-               timeout_s: float | None = None) -> ReconfigReport:
+               timeout_s: float | None = None, precopy_bytes_per_s: float | None = None) -> ReconfigReport:
         """Reconfigure to layout `to` (layers per stage); the layout is updated only if the change commits.
         `weights`, `before_hold` and `switch` are passed to `pipeshift.control.reconfigure`; `timeout_s` (default
-        `SwitchBudget`'s) bounds each of its control calls and each wait for the old epoch or a drain."""
+        `SwitchBudget`'s) bounds each of its control calls and each wait for the old epoch or a drain;
+        `precopy_bytes_per_s` caps the pre-copy (`SwitchBudget.precopy_bytes_per_s`)."""
         if not self._lock.acquire(blocking=False):
             raise UserError("a reconfiguration is already running; wait for it to end")
         try:
@@ -68,7 +69,7 @@ class LivePipeline:
             report = reconfigure(frontend_url, dict(self.urls), plan, start_stage=self.start_stage,
                                  stop_stage=self.stop_stage, token=self.token, strategy=strategy,
                                  weights=weights, before_hold=before_hold, switch=switch,
-                                 budget=None if timeout_s is None else SwitchBudget.with_timeout(timeout_s))
+                                 budget=SwitchBudget.with_timeout(timeout_s, precopy_bytes_per_s=precopy_bytes_per_s))
             if report.outcome == "committed":
                 self.layout = plan.new
             logger.info("reconfiguration to %s: %s", to, report.outcome)

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="how long each control call of the change may take (default 60): one that takes longer "
                              "aborts the change before its point of no return and is retried after it")
+    parser.add_argument("--precopy-rate", type=_rate, default=None, metavar="BYTES_PER_S",
+                        help="cap the pre-copy that runs while serving at this many bytes/s, all pairs together "
+                             "(e.g. 50e6; default: uncapped): a longer switch for less slowdown of serving")
     parser.add_argument("--weights", default="checkpoint", choices=WEIGHTS,
                         help="where stages that take over layers get their weights: their checkpoint (default) or "
                              "streamed from the stage that computes them now")
@@ -45,6 +48,16 @@ def _seconds(raw: str) -> float:
         value = float("nan")
     if not 0 < value <= MAX_TIMEOUT_S:
         raise argparse.ArgumentTypeError(f"--timeout {raw!r} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return value
+
+
+def _rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--precopy-rate {raw!r} must be a positive number of bytes per second")
     return value
 
 
@@ -67,13 +80,16 @@ def endpoint_of(frontend: str) -> str:
 
 
 def request_change(endpoint: str, to: str, strategy: str = "live", switch: str = "epoch",
-                   timeout_s: float | None = None, weights: str = "checkpoint") -> dict[str, Any]:
+                   timeout_s: float | None = None, weights: str = "checkpoint",
+                   precopy_bytes_per_s: float | None = None) -> dict[str, Any]:
     """POST the change and return `{"report": ..., "layout": ...}`; no answer or an error is a UserError."""
     url = _http_url(endpoint)
     try:
         body: dict[str, Any] = {"to": to, "strategy": strategy, "switch": switch, "weights": weights}
         if timeout_s is not None:
             body["timeout_s"] = timeout_s
+        if precopy_bytes_per_s is not None:
+            body["precopy_bytes_per_s"] = precopy_bytes_per_s
         status, answer = http_json(f"{url}/reconfigure", "POST", body, load_control_token(), CALL_TIMEOUT_S)
     except OSError as error:
         raise UserError(f"--endpoint {endpoint}: no answer ({error}); is `pipeshift serve` running there?") from None
@@ -104,6 +120,7 @@ def table(answer: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     endpoint = args.endpoint if args.endpoint is not None else endpoint_of(args.frontend)
-    answer = request_change(endpoint, args.to, args.strategy, args.switch, args.timeout, weights=args.weights)
+    answer = request_change(endpoint, args.to, args.strategy, args.switch, args.timeout, weights=args.weights,
+                            precopy_bytes_per_s=args.precopy_rate)
     print(json.dumps(answer) if args.json else table(answer))
     return 0 if answer["report"]["outcome"] == "committed" else 1

@@ -55,6 +55,15 @@ def check_timeout(raw: Any) -> float | None:
     return float(raw)
 
 
+def check_rate(raw: Any) -> float | None:
+    """The pre-copy cap of the change in bytes/s (`precopy_bytes_per_s`, optional): a positive number."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw < float("inf"):
+        raise UserError(f"precopy_bytes_per_s {raw!r} must be a positive number of bytes per second")
+    return float(raw)
+
+
 def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None) -> web.Application:
     """With `token`, every call must carry it as a bearer token (the same one the control APIs use)."""
 
@@ -69,6 +78,7 @@ def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None
             strategy = check_strategy(str(body.get("strategy", "live")))
             switch = check_switch(str(body.get("switch", "epoch")))
             timeout_s = check_timeout(body.get("timeout_s"))
+            rate = check_rate(body.get("precopy_bytes_per_s"))
             weights = check_weights(str(body.get("weights", "checkpoint")))
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": 'expected a JSON body like {"to": "3,3,2"}'}, status=400)
@@ -76,7 +86,7 @@ def reconfigure_app(pipeline: LivePipeline, frontend_url: str, token: str | None
             return web.json_response({"error": str(error)}, status=400)
         try:
             report = await asyncio.to_thread(pipeline.change, frontend_url, to, strategy, switch=switch,
-                                             timeout_s=timeout_s, weights=weights)
+                                             timeout_s=timeout_s, weights=weights, precopy_bytes_per_s=rate)
         except UserError as error:
             return web.json_response({"error": str(error)}, status=409)
         except ReconfigFailed as failed:

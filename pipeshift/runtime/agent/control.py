@@ -70,6 +70,7 @@ class PrecopyBody(_Body):
     reconfig_id: ReconfigId
     target: StrictStr
     layers: Annotated[list[Count], Field(min_length=1)]
+    max_bytes_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
 class CommitBody(_Body):
@@ -249,7 +250,7 @@ class ControlAPI:
         return 200, answer
 
     async def _precopy(self, body: PrecopyBody) -> Answer:
-        return 200, await self.reconfig.precopy(body.reconfig_id, body.target, body.layers)
+        return 200, await self.reconfig.precopy(body.reconfig_id, body.target, body.layers, body.max_bytes_per_s)
 
     async def _commit(self, body: CommitBody) -> Answer:
         await self.reconfig.commit(

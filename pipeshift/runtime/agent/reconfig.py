@@ -200,7 +200,10 @@ class Reconfigurer(EpochSwitching):
 
     # ---- pre-copy --------------------------------------------------------------------------------
 
-    async def precopy(self, reconfig_id: str, target: str, layers: Sequence[int]) -> dict[str, Any]:
+    async def precopy(self, reconfig_id: str, target: str, layers: Sequence[int],
+                      max_bytes_per_s: float | None = None) -> dict[str, Any]:
+        """One round to `target`: every block of `layers` written since the last round it confirmed, sent at
+        `max_bytes_per_s` at most (None: as fast as it goes)."""
         async with self._lock:
             self._check_open(reconfig_id)
             host, port = parse_address(target)
@@ -217,7 +220,7 @@ class Reconfigurer(EpochSwitching):
             # Only the plan (tables, versions, lengths) is taken on the worker; the blocks are copied off it.
             chunks = await self.worker.call(self._tracker.plan, self.worker.stage, target, layers)
             if chunks:
-                await self._send(host, port, chunks)
+                await self._send(host, port, chunks, max_bytes_per_s)
             seconds = time.perf_counter() - started
             remaining, remaining_bytes = await self.worker.call(
                 self._tracker.sent_then_remaining, self.worker.stage, target, list(layers), chunks
@@ -231,9 +234,10 @@ class Reconfigurer(EpochSwitching):
                 "dirty_bytes_remaining": remaining_bytes,
             }
 
-    async def _send(self, host: str, port: int, chunks: Sequence[PlannedChunk]) -> None:
+    async def _send(self, host: str, port: int, chunks: Sequence[PlannedChunk], rate: float | None) -> None:
         """Copy each chunk's blocks on a helper thread (the next one while this one is sent) and stream them,
-        then ask the target to confirm it imported all of them."""
+        then ask the target to confirm it imported all of them. With `rate` (bytes/s), a chunk is sent only
+        once the ones before it have taken the time that rate gives them."""
         try:
             client = await FrameClient.connect(
                 host, port, role=MIGRATE_ROLE, stage_id=self.worker.config.stage_id, token=self.token,
@@ -243,9 +247,13 @@ class Reconfigurer(EpochSwitching):
             raise StateConflict(f"cannot reach target {host}:{port} for pre-copy: {exc}") from None
         try:
             loop = asyncio.get_running_loop()
+            started, sent = time.perf_counter(), 0
             loading = loop.run_in_executor(None, chunks[0].load)
             for i in range(len(chunks)):
                 chunk = await loading
+                if rate is not None and (ahead := sent / rate - (time.perf_counter() - started)) > 0:
+                    await asyncio.sleep(ahead)
+                sent += chunk.nbytes
                 if i + 1 < len(chunks):
                     loading = loop.run_in_executor(None, chunks[i + 1].load)
                 for frame in chunk.frames():
