@@ -22,6 +22,7 @@ from test_operator_reconcile import World, body_of, serve
 from pipeshift.operator import manifests as m
 from pipeshift.operator import zero as z
 from pipeshift.operator.autoscale import AutoscaleLoop
+from pipeshift.operator.change import precopy_cap
 from pipeshift.operator.reconcile import Observed, PodView
 from pipeshift.operator.spec import parse_spec
 
@@ -279,3 +280,19 @@ def test_scale_to_zero_is_decided_by_zero_alone_while_the_autoscaler_only_holds(
     assert kinds and set(kinds) == {"hold"}
     state = loop.status_patch(KEY, body["status"])
     assert state is not None and state["autoscaling"]["switches"] == [] and state["autoscaling"]["target"] is None
+
+
+def test_a_change_takes_its_pre_copy_cap_from_the_pipelines_policy() -> None:
+    """`reconfiguration.precopy_bytes_per_second` of the policy `spec.policy` names (or of the inline one)
+    becomes the change's `SwitchBudget.precopy_bytes_per_s`; no policy, no cap, or an invalid policy: uncapped."""
+    body = serving_body()
+    capped = policy(reconfiguration={"precopy_bytes_per_second": 64e6})
+    named = parse_spec({**body["spec"], "policy": "burst"})
+    assert precopy_cap(named, Observed(policy={"spec": capped})) == 64e6
+    assert precopy_cap(named, Observed(policy={"spec": policy()})) is None
+    assert precopy_cap(named, Observed()) is None  # the named policy does not exist (yet)
+    assert precopy_cap(named, Observed(policy={"spec": {**capped, "mode": "fastest"}})) is None
+    inline = {k: v for k, v in capped.items() if k != "name"}
+    unnamed = {k: v for k, v in body["spec"].items() if k != "policy"}
+    assert precopy_cap(parse_spec({**unnamed, "inlinePolicy": inline}), Observed()) == 64e6
+    assert precopy_cap(None, Observed(policy={"spec": capped})) is None

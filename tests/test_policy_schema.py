@@ -57,6 +57,8 @@ def write(tmp_path: Path, data: dict) -> Path:
      "scale_to_zero.cold_start: Input should be 'plan' or 'last'"),
     ({"pools": [{"name": "l4", "price": 1}]},
      "pools.0.price: unknown key 'price'; valid keys here: name, cost_per_hour"),
+    ({"reconfiguration": {"precopy_bytes_per_second": 0}},
+     "reconfiguration.precopy_bytes_per_second: Input should be greater than 0 (got 0)"),
 ])
 def test_an_invalid_policy_names_the_file_the_field_and_what_is_valid(tmp_path: Path, change: dict,
                                                                       message: str) -> None:

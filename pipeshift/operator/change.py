@@ -31,6 +31,7 @@ phase to status, to test the resume and roll-back paths deterministically.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -38,6 +39,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from pipeshift.api import Layout, ReconfigPlan, StagePlan, plan_moves
 from pipeshift.control.http import ControlCallError, ControlClient
@@ -58,6 +61,7 @@ from pipeshift.operator.reconcile import (
     layout_summary,
 )
 from pipeshift.operator.spec import PipelineRef, PipelineSpec
+from pipeshift.policy.schema import AutoscalingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +196,22 @@ class Ports:
     ended: Callable[[str, float, float], None]  # outcome, seconds, pause seconds
 
 
+def precopy_cap(spec: PipelineSpec | None, observed: Observed) -> float | None:
+    """The pre-copy cap of the pipeline's policy (`reconfiguration.precopy_bytes_per_second`), in bytes/s: the
+    policy `spec.policy` names, else the inline one. None without a policy, without a cap, or with a policy
+    that does not validate (the pass reports that one; the change is not held up by it)."""
+    if spec is None:
+        return None
+    body = (observed.policy or {}).get("spec") if spec.policy is not None else spec.inline_policy
+    if not isinstance(body, Mapping):
+        return None
+    try:
+        policy = AutoscalingPolicy.model_validate({"name": spec.policy or "inline", **body})  # inline: no name
+    except ValidationError:
+        return None
+    return policy.reconfiguration.precopy_bytes_per_second
+
+
 class ChangeDriver:
     """Drives the changes of every pipeline; remembers which phases *this process* finished."""
 
@@ -283,7 +303,7 @@ class ChangeDriver:
             if waited > STARTING_TIMEOUT_S:
                 raise RuntimeError(f"the new stage pods were not Ready after {waited:.0f} s")
             return False
-        stepper = self._stepper(running, plan, ref, observed, ports)
+        stepper = self._stepper(running, plan, ref, observed, ports, spec)
         if phase == "preparing":
             running["epoch"] = stepper.prepare()
         elif phase == "precopying":
@@ -347,14 +367,16 @@ class ChangeDriver:
         return agents
 
     def _stepper(self, running: Mapping[str, Any], plan: ReconfigPlan, ref: PipelineRef, observed: Observed,
-                 ports: Ports) -> Stepper:
+                 ports: Ports, spec: PipelineSpec | None = None) -> Stepper:
+        """`spec`: the pipeline's, for its policy's pre-copy cap (`precopy_cap`); without it, uncapped."""
         agents = self._agents(running, plan, ref, observed)
         frontend = _frontend(observed)
         if frontend is None:
             raise RuntimeError("no running frontend pod to drive the change through")
         epoch = running.get("epoch")
+        budget = dataclasses.replace(self.budget, precopy_bytes_per_s=precopy_cap(spec, observed))
         return Stepper(_frontend_url(frontend), agents, plan, str(running["id"]),
-                       token=ports.token(), budget=self.budget, epoch=None if epoch is None else int(epoch),
+                       token=ports.token(), budget=budget, epoch=None if epoch is None else int(epoch),
                        live=[int(x) for x in running.get("live") or []])
 
     # --- the ends ------------------------------------------------------------------------------------

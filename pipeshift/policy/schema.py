@@ -68,6 +68,9 @@ class Reconfiguration(Strict):
         "live", description="live: move layers while serving; drain: finish running requests, then switch")
     max_switches_per_hour: int = Field(6, ge=0, description="switch budget; cold starts are exempt")
     migration_horizon_seconds: float = Field(3600, gt=0, description="a move's cost is amortised over this")
+    precopy_bytes_per_second: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="cap on the KV pre-copy that runs beside serving, all stage pairs together; unset: uncapped")
 
 
 class PromQueries(Strict):
