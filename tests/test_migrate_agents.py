@@ -299,3 +299,20 @@ def test_commit_refuses_a_target_missing_the_final_delta(model: Path) -> None:
             await chain.decode(1)
 
         scenario(model, body)
+
+
+def test_a_joining_stage_prefaults_at_most_one_layers_share_of_its_pool(model: Path) -> None:
+    """One sequence reserving almost a layer's share of the pool beside many short ones: padding every sequence
+    to the widest would ask for workspaces many times the pool; prepare prefaults one layer's share instead."""
+    with launch(model, "6,2") as extra:
+        extra.process(0).terminate()
+        joining = extra.agents[1]
+        total = call(extra, joining, "/info")["kv"]["total_blocks"]
+        share = total // 2  # layers 6 and 7
+        short = {str(seq): BLOCK for seq in range(2, 21)}  # one block per layer each
+        wide = (share - len(short) - 1) * BLOCK
+        call(extra, joining, "/reconfig/prepare", {"reconfig_id": "wide-1", "epoch": 1, "layers": [6, 8],
+                                                   "sequences": {"1": wide, **short}})  # fmt: skip
+        kv = call(extra, joining, "/info")["kv"]
+        assert (len(short) + 1) * blocks(wide) > 4 * share, "the cap must be what bites here"
+        assert kv["workspace_bytes"] == 2 * share * kv["block_bytes"]

@@ -322,9 +322,7 @@ class _Run(EpochSwitch):
             return
         self.clock.enter(Phase.PREPARING)
         self._prepare(state["sequences"])
-        self.clock.enter(Phase.PRECOPYING)
-        while not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds) and self.pairs:
-            self._round(rate=self.budget.precopy_bytes_per_s)
+        self._precopy_rounds()
         if self.report.switch == "epoch":
             self._arm_agents()
             return
@@ -444,6 +442,12 @@ class _Run(EpochSwitch):
             return {}
         sources = {str(m.layer): self.clients[m.src_stage].base_url for m in self.plan.moves if m.dst_stage == sid}
         return {"weights": "source", "weight_sources": sources}
+
+    def _precopy_rounds(self) -> None:
+        """PRECOPYING: rounds beside serving, at the budget's cap, until the stop rule says the rest is small."""
+        self.clock.enter(Phase.PRECOPYING)
+        while self.pairs and not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds):
+            self._round(rate=self.budget.precopy_bytes_per_s)
 
     def _round(self, precopy: bool = True, rate: float | None = None) -> RoundStats:
         """`precopy`: a round of the pre-copy protocol (the final rounds while held included), as opposed to

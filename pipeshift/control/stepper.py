@@ -23,7 +23,7 @@ from typing import Any
 from pipeshift.api import ReconfigPlan, StagePlan
 from pipeshift.control.http import ControlCallError, call_all
 from pipeshift.control.phases import Phase
-from pipeshift.control.precopy import copy_pairs, precopy_done
+from pipeshift.control.precopy import copy_pairs
 from pipeshift.control.reconfigure import SwitchBudget, _Run
 from pipeshift.control.recovery import guard, roll_forward
 
@@ -75,9 +75,7 @@ class Stepper(_Run):
     def precopy(self) -> int:
         """Pre-copy rounds until the rest fits the switch budget; returns the bytes moved."""
         self._load()
-        self.clock.enter(Phase.PRECOPYING)
-        while self.pairs and not precopy_done(self.report.rounds, self.budget.switch_s, self.budget.max_rounds):
-            self._round(rate=self.budget.precopy_bytes_per_s)
+        self._precopy_rounds()
         return self.report.kv_bytes_moved
 
     def arm(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from pipeshift.control import STRATEGIES, SWITCHES, WEIGHTS
 from pipeshift.errors import UserError
 from pipeshift.local.processes import http_json
-from pipeshift.local.reconfigure_endpoint import MAX_TIMEOUT_S
+from pipeshift.local.reconfigure_endpoint import MAX_TIMEOUT_S, check_rate
 from pipeshift.runtime.security import load_control_token
 
 HELP = "change the layout of a running `pipeshift serve` pipeline live"
@@ -53,11 +53,11 @@ def _seconds(raw: str) -> float:
 
 def _rate(raw: str) -> float:
     try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"--precopy-rate {raw!r} must be a positive number of bytes per second")
+        value = check_rate(float(raw))
+    except (ValueError, UserError):
+        raise argparse.ArgumentTypeError(f"--precopy-rate {raw!r} must be a positive number of bytes per second"
+                                         ) from None
+    assert value is not None
     return value
 
 

@@ -31,13 +31,12 @@ phase to status, to test the resume and roll-back paths deterministically.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -368,13 +367,14 @@ class ChangeDriver:
 
     def _stepper(self, running: Mapping[str, Any], plan: ReconfigPlan, ref: PipelineRef, observed: Observed,
                  ports: Ports, spec: PipelineSpec | None = None) -> Stepper:
-        """`spec`: the pipeline's, for its policy's pre-copy cap (`precopy_cap`); without it, uncapped."""
+        """`spec`: the pipeline's, for its policy's pre-copy cap (`precopy_cap`), which overrides the driver's."""
         agents = self._agents(running, plan, ref, observed)
         frontend = _frontend(observed)
         if frontend is None:
             raise RuntimeError("no running frontend pod to drive the change through")
         epoch = running.get("epoch")
-        budget = dataclasses.replace(self.budget, precopy_bytes_per_s=precopy_cap(spec, observed))
+        cap = precopy_cap(spec, observed)
+        budget = self.budget if cap is None else replace(self.budget, precopy_bytes_per_s=cap)
         return Stepper(_frontend_url(frontend), agents, plan, str(running["id"]),
                        token=ports.token(), budget=budget, epoch=None if epoch is None else int(epoch),
                        live=[int(x) for x in running.get("live") or []])

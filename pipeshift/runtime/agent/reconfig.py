@@ -125,8 +125,12 @@ class Reconfigurer(EpochSwitching):
             for seq, tokens in sequences.items():
                 stage.adopt(seq, tokens)
             if sequences and self.worker.stats.batches == 0:  # joins the pipeline: its first steps read them all
+                # Every sequence padded to the widest reservation, but never more than one layer's share of the
+                # pool: reservations are prompt + max_tokens, which a large max_tokens makes far wider than
+                # anything read soon; a gather that outgrows it grows the workspaces as before.
                 widest = max(stage.spec.blocks_for(tokens, 1) for tokens in sequences.values())
-                stage.cache.prefault_reads(len(sequences) * widest)
+                share = stage.cache.total_blocks // max(1, len(stage.loaded_layers))
+                stage.cache.prefault_reads(min(len(sequences) * widest, share))
         except KVCapacityError as exc:
             stage.discard_prepared()
             self._restore_pool(before)
