@@ -32,23 +32,25 @@ def test_every_setting_can_come_from_the_environment() -> None:
         "PIPESHIFT_DTYPE": "float64",
         "PIPESHIFT_THREADS": "2",
         "PIPESHIFT_MAX_BATCH_TOKENS": "512",
+        "PIPESHIFT_WARM": "true",
     }
     c = parse([], env)
     assert (c.model, c.start, c.end, c.stage_id, c.host) == (Path("/models/tiny"), 0, 2, 3, "0.0.0.0")
     assert (c.data_port, c.control_port, c.kv_bytes, c.block_size) == (9001, 9002, 1048576, 8)
-    assert (c.dtype, c.threads, c.max_batch_tokens) == ("float64", 2, 512)
+    assert (c.dtype, c.threads, c.max_batch_tokens, c.warm) == ("float64", 2, 512, True)
 
 
 def test_a_flag_wins_over_its_environment_variable() -> None:
-    c = parse(["--layers", "2:5", "--dtype", "float32"], {**BASE, "PIPESHIFT_DTYPE": "float64"})
-    assert (c.start, c.end, c.dtype) == (2, 5, "float32")
+    c = parse(["--layers", "2:5", "--dtype", "float32", "--warm", "0"],
+              {**BASE, "PIPESHIFT_DTYPE": "float64", "PIPESHIFT_WARM": "1"})
+    assert (c.start, c.end, c.dtype, c.warm) == (2, 5, "float32", False)
 
 
 def test_unset_settings_take_their_documented_defaults() -> None:
     c = parse([], BASE)
     assert (c.host, c.data_port, c.control_port, c.block_size) == ("127.0.0.1", 0, 0, 16)
     assert c.kv_bytes == DEFAULT_KV_BYTES == 64 * 2**20
-    assert c.threads is None and c.dtype == "float32"
+    assert c.threads is None and c.dtype == "float32" and c.warm is False
 
 
 def test_a_missing_model_names_the_flag_and_the_variable() -> None:
@@ -65,6 +67,7 @@ def test_a_missing_model_names_the_flag_and_the_variable() -> None:
         (["--kv-bytes", "0"], BASE, "--kv-bytes='0'"),
         ([], {**BASE, "PIPESHIFT_DTYPE": "int8"}, "PIPESHIFT_DTYPE='int8'"),
         ([], {**BASE, "PIPESHIFT_THREADS": "two"}, "PIPESHIFT_THREADS='two'"),
+        (["--warm", "maybe"], BASE, "--warm='maybe'"),
     ],
 )
 def test_a_bad_value_names_where_it_came_from(argv: list[str], env: dict[str, str], named: str) -> None:

@@ -36,8 +36,8 @@ def model(model_factory: Callable[..., Path]) -> Path:
                          dtype=torch.float64)  # fmt: skip
 
 
-def launch(model: Path, layout: str) -> LocalAgents:
-    return start_agents(model, layout, dtype="float64", threads=1, kv_bytes=KV_BYTES, block_size=BLOCK)
+def launch(model: Path, layout: str, warm: bool = False) -> LocalAgents:
+    return start_agents(model, layout, dtype="float64", threads=1, kv_bytes=KV_BYTES, block_size=BLOCK, warm=warm)
 
 
 def call(agents: LocalAgents, agent: AgentHandle, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -316,3 +316,17 @@ def test_a_joining_stage_prefaults_at_most_one_layers_share_of_its_pool(model: P
         kv = call(extra, joining, "/info")["kv"]
         assert (len(short) + 1) * blocks(wide) > 4 * share, "the cap must be what bites here"
         assert kv["workspace_bytes"] == 2 * share * kv["block_bytes"]
+
+
+def test_a_warm_stage_touches_one_layers_share_at_start_and_prepare_keeps_it(model: Path) -> None:
+    """`--warm` (how the local runner starts a stage a change adds): the read workspaces are sized and touched
+    at start for one layer's share of the pool, the most a gather reads, so prepare has nothing left to touch."""
+    with launch(model, "6,2", warm=True) as extra:
+        joining = extra.agents[1]
+        kv = call(extra, joining, "/info")["kv"]
+        warmed = 2 * (kv["total_blocks"] // 2) * kv["block_bytes"]  # two workspaces; layers 6 and 7
+        assert kv["workspace_bytes"] == warmed
+        assert call(extra, extra.agents[0], "/info")["kv"]["workspace_bytes"] < warmed, "only warm stages touch"
+        call(extra, joining, "/reconfig/prepare", {"reconfig_id": "warm-1", "epoch": 1, "layers": [6, 8],
+                                                   "sequences": {"1": 3 * BLOCK, "2": 5 * BLOCK}})  # fmt: skip
+        assert call(extra, joining, "/info")["kv"]["workspace_bytes"] == warmed

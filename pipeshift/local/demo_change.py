@@ -93,7 +93,7 @@ class StandbyPipeline(LivePipeline):
         started = time.perf_counter()
         for stage in stages:
             agents = start_agents(self.model, [stage], dtype=self.dtype, kv_bytes=self.kv_bytes,
-                                  memory_bytes=self.memory_bytes, token=self.token, threads=1)
+                                  memory_bytes=self.memory_bytes, token=self.token, threads=1, warm=True)
             self.standby[stage.stage_id] = (stage, agents)
         return (time.perf_counter() - started) * 1e3
 

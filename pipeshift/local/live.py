@@ -21,7 +21,7 @@ class LivePipeline:
     """Stage agents by stage id; `change(to)` reconfigures the pipeline behind `frontend_url` live.
 
     Stages started by a change are launched like the first ones (same dtype, KV or memory budget, token), so
-    a later change can move layers back onto them; one change runs at a time.
+    a later change can move layers back onto them, and warm (`pipeshift agent --warm`); one change runs at a time.
     """
 
     def __init__(self, model: Path, agents: LocalAgents, layout: Layout, *, dtype: str | None = None,
@@ -36,7 +36,7 @@ class LivePipeline:
 
     def start_stage(self, stage: StagePlan) -> str:
         started = start_agents(self.model, [stage], dtype=self.dtype, kv_bytes=self.kv_bytes,
-                               memory_bytes=self.memory_bytes, token=self.token, threads=1)
+                               memory_bytes=self.memory_bytes, token=self.token, threads=1, warm=True)
         self.groups[stage.stage_id] = started
         self.urls[stage.stage_id] = started.agents[0].control_url
         return self.urls[stage.stage_id]

@@ -160,6 +160,7 @@ def start_agents(
     dtype: str | None = None,
     threads: int | None = None,
     max_batch_tokens: int | None = None,
+    warm: bool = False,
     token: str | None = None,
     env: Mapping[str, str] | None = None,
     log_dir: str | Path | None = None,
@@ -173,7 +174,8 @@ def start_agents(
     `return_to`, the chain is routed too. Stage logs go to `log_dir` (default: a temporary directory),
     and a stage that dies while starting raises UserError with the tail of its log. SIGTERM to this
     process stops the agents too (see `exit_on_sigterm`). `memory_bytes` (each stage's memory for weights and
-    KV together) replaces `kv_bytes`: a stage's pool is then what its weights leave.
+    KV together) replaces `kv_bytes`: a stage's pool is then what its weights leave. `warm`: the stages touch
+    their read workspaces at start (`pipeshift agent --warm`), for stages that join a running pipeline.
     """
     if kv_bytes is not None and memory_bytes is not None:
         raise UserError("give kv_bytes (--kv-bytes) or memory_bytes (--memory-bytes), not both")
@@ -194,6 +196,7 @@ def start_agents(
         "--dtype": dtype,
         "--threads": threads or default_threads(len(stages) + 1),
         "--max-batch-tokens": max_batch_tokens,
+        "--warm": 1 if warm else None,
     }
     processes: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []

@@ -57,6 +57,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"{text!r} is not one of 1, 0, true, false, yes, no")
+    return value in ("1", "true", "yes")
+
+
 def _dtype(text: str) -> str:
     if text not in DTYPES:
         raise ValueError(f"{text!r} is not one of {', '.join(DTYPES)}")
@@ -85,6 +92,9 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("--block-size", _positive, 16, "tokens per KV block", "TOKENS"),
     _Option("--dtype", _dtype, "float32", f"weights and activations dtype: {', '.join(DTYPES)}", "DTYPE"),
     _Option("--threads", _positive, None, "torch threads (default: cores / processes on this host)", "N"),
+    _Option("--warm", _switch, False, "touch the read workspaces at start, sized for one layer of a full pool: for a "
+            "stage started to join a running pipeline, whose first steps would otherwise fault that memory in while "
+            "every sequence waits", "1|0"),
     _Option(
         "--max-batch-tokens",
         _positive,
@@ -110,6 +120,8 @@ class AgentConfig:
     block_size: int = 16
     dtype: str = "float32"
     threads: int | None = None
+    # Prefault the read workspaces at start (see `RunningAgent._warm`): for stages that join a running pipeline.
+    warm: bool = False
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
 
 

@@ -129,9 +129,13 @@ class BlockPool:
         """Grow the read workspaces to a gather of `blocks` blocks and touch every page now. A stage that joins
         a running pipeline would otherwise fault them in during its first steps, which every sequence waits
         for: on the benchmark's host (a VM, where memory a process touches for the first time costs ~2 ms per
-        MiB) its first step took 0.6–0.9 s and the next 0.1 s."""
+        MiB) its first step took 0.6–0.9 s and the next 0.1 s. Workspaces already that large are left as they
+        are: an agent started with `--warm` prefaulted them at start."""
         for name in ("kv", "by_slab"):
-            self._workspace(name, (2 * blocks, *self._block)).zero_()
+            before = self._buffers.get(name)
+            self._workspace(name, (2 * blocks, *self._block))
+            if self._buffers[name] is not before:
+                self._buffers[name].zero_()
 
     def locate(self, blocks: Sequence[int]) -> BlockCopy:
         """Whole `blocks` (not empty), to copy now or later from another thread (see `BlockCopy`). It shares no
