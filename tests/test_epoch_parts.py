@@ -38,7 +38,7 @@ from pipeshift.runtime.microbatch import (
     empty_data,
     last_token_spans,
 )
-from pipeshift.runtime.migrate import DirtyTracker, KVChunk, import_chunk
+from pipeshift.runtime.migrate import DirtyTracker, KVChunk, PlannedChunk, import_chunk
 from pipeshift.runtime.model.checkpoint import ModelDir
 from pipeshift.runtime.stage import Stage
 from pipeshift.runtime.transport import Frame, FrameServer, Peer
@@ -291,10 +291,10 @@ def test_workers_compute_each_epochs_range_and_hold_the_new_epoch_until_the_fina
     assert torch.equal(got.data, expected)
 
     target_stage.prepare(3, 8)
-    tracker, sent = DirtyTracker(), deque[KVChunk]()
+    tracker, sent = DirtyTracker(), deque[PlannedChunk]()
 
-    def collect(s: Stage, seqs: list[int]) -> list[tuple[str, list[KVChunk]]]:
-        chunks = tracker.collect(s, "stage1", [3], seqs or None)
+    def collect(s: Stage, seqs: list[int]) -> list[tuple[str, list[PlannedChunk]]]:
+        chunks = tracker.plan(s, "stage1", [3], seqs or None)
         tracker.mark_sent("stage1", chunks)
         return [("stage1", chunks)]
 
@@ -308,7 +308,7 @@ def test_workers_compute_each_epochs_range_and_hold_the_new_epoch_until_the_fina
     assert held is None and w1.fenced(hidden) == ["sequence 1 layer 3 holds 0 of 6 positions"]
     sent.extend(collect(source_stage, [])[0][1])  # what arming pushes: layer 3 of sequence 1, final
     for chunk in sent:
-        import_chunk(target_stage, chunk, {3})
+        import_chunk(target_stage, chunk.load(), {3})
     out, _ = w1.compute(hidden, 0.25)
     reference_step = reference.forward([SeqSpan(1, 6, 1)], torch.tensor([token]))
     assert out is not None and torch.equal(out.data, reference_step)

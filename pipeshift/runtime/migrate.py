@@ -2,14 +2,16 @@
 (the dirty set), how blocks travel as frames, and how a target imports them.
 
 What to send is decided on each stage's compute worker, between micro-batches, so every chunk is a
-consistent snapshot of one (sequence, layer): its block table, versions and length. A pre-copy round copies
-the blocks' data off the worker (`PlannedChunk.load`, see `BlockCopy` for why that is safe) while serving goes
-on, and sends it; imports run on the target's worker. Pushes after an epoch switch is armed are small (the
-blocks one step wrote) and are copied on the worker right after the step.
+consistent snapshot of one (sequence, layer): its block table, versions and length. The blocks' data is
+copied off the worker (`PlannedChunk.load`, see `BlockCopy` for why that is safe) while serving goes on, and
+sent (`stream_chunks`): by pre-copy rounds and by the pushes of an armed epoch switch alike. Imports run on
+the target's worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from torch import Tensor
 from pipeshift.runtime.kv import KVSpec
 from pipeshift.runtime.kv.pool import BlockCopy
 from pipeshift.runtime.stage import Stage
-from pipeshift.runtime.transport import Frame, FrameError, FrameLimits, Kind, KVBlocksMeta
+from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLimits, Kind, KVBlocksMeta
 
 MIGRATE_ROLE = "migrate"
 # Blocks per KV_BLOCKS frame: bounds what a target must accept (and allocate) for one frame.
@@ -67,6 +69,26 @@ class PlannedChunk(ChunkHead):
     def load(self) -> KVChunk:
         return KVChunk(self.seq_id, self.layer, self.length, self.reserve, self.logical, self.versions,
                        self.where.copy())
+
+
+async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rate: float | None = None) -> None:
+    """Copy each chunk's blocks on a helper thread (the next one while this one is sent) and send them, then
+    ask the target to confirm (CONTROL `{flush: n}`; the caller reads the answer). With `rate` (bytes/s), a
+    chunk is sent only once the ones before it have taken the time that rate gives them."""
+    loop = asyncio.get_running_loop()
+    started, sent = time.perf_counter(), 0
+    loading = loop.run_in_executor(None, chunks[0].load) if chunks else None
+    for i in range(len(chunks)):
+        assert loading is not None
+        chunk = await loading
+        if rate is not None and (ahead := sent / rate - (time.perf_counter() - started)) > 0:
+            await asyncio.sleep(ahead)
+        sent += chunk.nbytes
+        if i + 1 < len(chunks):
+            loading = loop.run_in_executor(None, chunks[i + 1].load)
+        for frame in chunk.frames():
+            await client.send(frame)
+    await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
 
 
 def migration_limits(spec: KVSpec) -> tuple[FrameLimits, FrameLimits]:

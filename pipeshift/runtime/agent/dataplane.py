@@ -29,7 +29,14 @@ from pipeshift.runtime.agent.worker import StageWorker, StateConflict
 from pipeshift.runtime.kv import KVCapacityError
 from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.microbatch import MAX_RELEASES, MAX_SEQS, MicroBatch, MicroBatchReader, data_limits
-from pipeshift.runtime.migrate import MIGRATE_ROLE, KVChunk, chunk_from, chunk_header, migration_limits
+from pipeshift.runtime.migrate import (
+    MIGRATE_ROLE,
+    KVChunk,
+    PlannedChunk,
+    chunk_from,
+    chunk_header,
+    migration_limits,
+)
 from pipeshift.runtime.transport import Frame, FrameError, FrameLimits, HandshakeRefused, Kind, PeerClosed
 from pipeshift.runtime.transport.handshake import HELLO_LIMITS, accept_hello
 from pipeshift.runtime.transport.sockets import recv_frame, send_frame
@@ -44,7 +51,7 @@ FENCE_POLL_S = 0.5
 # Imported chunks are placed on the worker in groups of at most this many bytes (one hop per group).
 IMPORT_GROUP_BYTES = 8 << 20
 # Sends KV chunks a source owes a target (data address) during an epoch switch.
-PushHook = Callable[[str, list[KVChunk]], None]
+PushHook = Callable[[str, list[PlannedChunk]], None]
 
 
 @dataclass
@@ -330,7 +337,7 @@ class DataPlane:
             failed = await self.worker.call(self.worker.fail, mb, f"stage {self.worker.config.stage_id}: {exc!r}")
             return failed if fn == self.worker.admit else (failed, [])
 
-    def _push(self, pushes: list[tuple[str, list[KVChunk]]]) -> None:
+    def _push(self, pushes: list[tuple[str, list[PlannedChunk]]]) -> None:
         for target, chunks in pushes:
             if self.push is None:
                 logger.error("stage %d: KV for %s computed but no push is armed", self.worker.config.stage_id, target)

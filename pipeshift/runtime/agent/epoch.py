@@ -24,7 +24,7 @@ from pipeshift.runtime.agent.pusher import KVPusher
 from pipeshift.runtime.agent.transition import Transition
 from pipeshift.runtime.agent.worker import StateConflict
 from pipeshift.runtime.kv import KVCapacityError
-from pipeshift.runtime.migrate import KVChunk
+from pipeshift.runtime.migrate import PlannedChunk
 from pipeshift.runtime.stage import Stage
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ class EpochSwitching:
 
     def _arm_on_worker(
         self, t: Transition, sequences: Mapping[int, int], resize: bool
-    ) -> list[tuple[str, list[KVChunk]]]:
+    ) -> list[tuple[str, list[PlannedChunk]]]:
         """Between batches: adopt late sequences (targets), start serving both epochs, export what is dirty."""
         stage = self.worker.stage
         gone = self.worker.gone if self.worker.gone is not None else set()
@@ -166,20 +166,22 @@ class EpochSwitching:
         return t.collect(stage, ()) if t.collect is not None else []
 
     def _collect(self, stage: Stage, targets: Mapping[str, Sequence[int]],
-                 seqs: Sequence[int]) -> list[tuple[str, list[KVChunk]]]:
+                 seqs: Sequence[int]) -> list[tuple[str, list[PlannedChunk]]]:
         """On the worker: what each target is still owed for `seqs` (all live sequences when empty), marked
-        sent at once (a push that fails is reported by flush; its batch then fails at the target's fence)."""
+        sent at once (a push that fails is reported by flush; its batch then fails at the target's fence).
+        Planned only: the pusher copies the blocks off the worker, so neither the arm (everything still dirty,
+        tens of MB) nor the step after which a push is planned waits for the copy."""
         out = []
         for target, layers in targets.items():
-            chunks = self._tracker.collect(stage, target, layers, seqs or None)
+            chunks = self._tracker.plan(stage, target, layers, seqs or None)
             self._tracker.mark_sent(target, chunks)
             out.append((target, chunks))
         return out
 
-    def _push(self, target: str, chunks: list[KVChunk]) -> None:
+    def _push(self, target: str, chunks: list[PlannedChunk]) -> None:
         self._pushers[target].push(chunks)
 
-    def _push_all(self, pushes: list[tuple[str, list[KVChunk]]]) -> None:
+    def _push_all(self, pushes: list[tuple[str, list[PlannedChunk]]]) -> None:
         for target, chunks in pushes:
             self._push(target, chunks)
 

@@ -1,7 +1,7 @@
 """A source's stream of final KV deltas to one target during an epoch switch.
 
-After arming, every old-epoch step a source computes is the last one of its sequences (the frontend builds
-no more), so the blocks it wrote in the moving layers are final: they are queued here right after the step
+After arming, every old-epoch step a source computes may be the last one of its sequences, so the blocks it
+wrote in the moving layers are queued here right after the step (planned on the worker, copied here off it)
 and sent in order over one migration connection, each group confirmed by the target's import answer. A
 target's E+1 batch that needs them waits at its fence until they are imported (see `transition`).
 """
@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from pipeshift.runtime.agent.downstream import parse_address
-from pipeshift.runtime.migrate import MIGRATE_ROLE, KVChunk, blocks_in, frame_bytes
-from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLimits, Kind, PeerClosed
+from pipeshift.runtime.migrate import MIGRATE_ROLE, PlannedChunk, blocks_in, frame_bytes, stream_chunks
+from pipeshift.runtime.transport import FrameClient, FrameError, FrameLimits, Kind, PeerClosed
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ class KVPusher:
         self._stage_id = stage_id
         self._token = token
         self._delay = push_delay_s()
-        self._queue: asyncio.Queue[list[KVChunk]] = asyncio.Queue()
+        self._queue: asyncio.Queue[list[PlannedChunk]] = asyncio.Queue()
         self._client: FrameClient | None = None
         self._task = asyncio.create_task(self._run())
         self.bytes = self.blocks = self.groups = 0
         self.seconds = 0.0
         self.errors: list[str] = []
 
-    def push(self, chunks: list[KVChunk]) -> None:
+    def push(self, chunks: list[PlannedChunk]) -> None:
         if chunks:
             self._queue.put_nowait(chunks)
 
@@ -85,16 +85,13 @@ class KVPusher:
             finally:
                 self._queue.task_done()
 
-    async def _send_confirmed(self, chunks: list[KVChunk]) -> None:
+    async def _send_confirmed(self, chunks: list[PlannedChunk]) -> None:
         started = time.perf_counter()
         error = ""
         for attempt in range(ATTEMPTS):
             try:
                 client = self._client or await self._connect()
-                for chunk in chunks:
-                    for frame in chunk.frames():
-                        await client.send(frame)
-                await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
+                await stream_chunks(client, chunks)
                 reply = (await asyncio.wait_for(client.recv(), REPLY_TIMEOUT_S)).body()
             except (OSError, TimeoutError, FrameError, PeerClosed) as exc:
                 error = f"push to {self.address} failed: {exc!r}"

@@ -30,9 +30,10 @@ from pipeshift.runtime.migrate import (
     blocks_in,
     frame_bytes,
     import_chunk,
+    stream_chunks,
 )
 from pipeshift.runtime.stage import Stage, TensorReader
-from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLimits, Kind, PeerClosed
+from pipeshift.runtime.transport import FrameClient, FrameError, FrameLimits, Kind, PeerClosed
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +240,8 @@ class Reconfigurer(EpochSwitching):
             }
 
     async def _send(self, host: str, port: int, chunks: Sequence[PlannedChunk], rate: float | None) -> None:
-        """Copy each chunk's blocks on a helper thread (the next one while this one is sent) and stream them,
-        then ask the target to confirm it imported all of them. With `rate` (bytes/s), a chunk is sent only
-        once the ones before it have taken the time that rate gives them."""
+        """Stream the chunks (`stream_chunks`, at `rate` bytes/s at most) and check that the target imported
+        all of them."""
         try:
             client = await FrameClient.connect(
                 host, port, role=MIGRATE_ROLE, stage_id=self.worker.config.stage_id, token=self.token,
@@ -250,19 +250,7 @@ class Reconfigurer(EpochSwitching):
         except (OSError, TimeoutError, FrameError) as exc:
             raise StateConflict(f"cannot reach target {host}:{port} for pre-copy: {exc}") from None
         try:
-            loop = asyncio.get_running_loop()
-            started, sent = time.perf_counter(), 0
-            loading = loop.run_in_executor(None, chunks[0].load)
-            for i in range(len(chunks)):
-                chunk = await loading
-                if rate is not None and (ahead := sent / rate - (time.perf_counter() - started)) > 0:
-                    await asyncio.sleep(ahead)
-                sent += chunk.nbytes
-                if i + 1 < len(chunks):
-                    loading = loop.run_in_executor(None, chunks[i + 1].load)
-                for frame in chunk.frames():
-                    await client.send(frame)
-            await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
+            await stream_chunks(client, chunks, rate)
             reply = (await asyncio.wait_for(client.recv(), PRECOPY_TIMEOUT_S)).body()
         except (OSError, TimeoutError, FrameError, PeerClosed) as exc:
             raise StateConflict(f"pre-copy to {host}:{port} failed: {exc}") from None

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeshift.runtime.kv.span import SeqSpan
-from pipeshift.runtime.migrate import KVChunk
+from pipeshift.runtime.migrate import PlannedChunk
 from pipeshift.runtime.stage import Stage
 
 # Collects the final deltas after an E batch: (target data address, chunks) per push target.
-Collector = Callable[[Stage, Sequence[int]], list[tuple[str, list[KVChunk]]]]
+Collector = Callable[[Stage, Sequence[int]], list[tuple[str, list[PlannedChunk]]]]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pipeshift.runtime.agent.transition import Transition, missing_kv
 from pipeshift.runtime.kv import KVCapacityError
 from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.microbatch import MicroBatch, empty_data, last_token_spans
-from pipeshift.runtime.migrate import KVChunk
+from pipeshift.runtime.migrate import PlannedChunk
 from pipeshift.runtime.model.config import LlamaConfig
 from pipeshift.runtime.stage import Stage
 
@@ -86,7 +86,7 @@ class StageWorker:
                 last = self.transition.range_for(epoch)[1] == self.model.num_layers
         return self.model.vocab_size if last else self.model.hidden_size
 
-    def step(self, mb: MicroBatch) -> tuple[MicroBatch | None, list[tuple[str, list[KVChunk]]]]:
+    def step(self, mb: MicroBatch) -> tuple[MicroBatch | None, list[tuple[str, list[PlannedChunk]]]]:
         """`admit` then `compute`, in one hop to the worker: the path of every batch that waits for nothing."""
         failed = self.admit(mb)
         if failed is not None:
@@ -117,7 +117,7 @@ class StageWorker:
 
     def compute(
         self, mb: MicroBatch, waited_s: float = 0.0
-    ) -> tuple[MicroBatch | None, list[tuple[str, list[KVChunk]]]]:
+    ) -> tuple[MicroBatch | None, list[tuple[str, list[PlannedChunk]]]]:
         """The batch's output (None while it waits at the fence, see `transition`) and, on a source during an
         epoch switch, the final deltas its old-epoch step leaves for the targets. `waited_s`: how long the
         batch has been held at the fence so far (recorded once it runs)."""
