@@ -159,12 +159,13 @@ class ControlAPI:
         return web.json_response(await self._info())
 
     async def _info(self) -> dict[str, Any]:
-        info = await self.worker.call(self.worker.info)
+        # One hop to the worker, not one per part: each waits for the micro-batch being computed, and the
+        # frontend reads every stage's /info while it arms an epoch switch.
+        info = await self.worker.call(lambda: self.worker.info() | self.reconfig.epoch_info())
         info["data"] = {"host": self.worker.config.host, "port": self.data.port}
         info["downstream"] = self.data.downstream.address
         info["epoch"] = self.reconfig.epoch
         info["reconfig"] = self.reconfig.describe()
-        info.update(await self.reconfig.epoch_info())  # an armed epoch switch: "armed", "admission"
         return info
 
     async def stats(self, request: web.Request) -> web.Response:

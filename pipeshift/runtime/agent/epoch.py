@@ -260,11 +260,9 @@ class EpochSwitching:
         self.data.push = None
         await asyncio.gather(*(p.close() for p in pushers.values()))
 
-    async def epoch_info(self) -> dict[str, Any]:
-        """For `/info`: the armed epoch's layers, and what admission must count with while it is armed."""
-        return await self.worker.call(self._epoch_info_on_worker)
-
-    def _epoch_info_on_worker(self) -> dict[str, Any]:
+    def epoch_info(self) -> dict[str, Any]:
+        """On the worker, for `/info`: the armed epoch's layers, and what admission must count with while it is
+        armed."""
         t, c, stage = self.worker.transition, self.change, self.worker.stage
         if t is None or t.new_range is None or c is None:
             return {"armed": None, "admission": None}
