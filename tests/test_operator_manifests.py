@@ -84,6 +84,7 @@ def test_stage_pod_env_configures_the_agent_for_exactly_that_stage() -> None:
     assert cfg.host == "127.0.3.7"
     assert (cfg.control_port, cfg.data_port) == (m.AGENT_CONTROL_PORT, m.AGENT_DATA_PORT)
     assert str(cfg.model) == "/models/tiny" and cfg.dtype == "float64"
+    assert cfg.warm, "a stage a live change adds joins a running pipeline: it warms its workspaces at start"
     assert env["PIPESHIFT_CONTROL_TOKEN"] == "s3cret"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"control": cfg.control_port, "data": cfg.data_port}

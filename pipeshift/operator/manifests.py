@@ -120,6 +120,9 @@ def stage_env(ref: PipelineRef, spec: PipelineSpec, stage: StagePlan) -> list[di
         _pod_ip_env("PIPESHIFT_HOST"),
         {"name": "PIPESHIFT_DATA_PORT", "value": str(AGENT_DATA_PORT)},
         {"name": "PIPESHIFT_CONTROL_PORT", "value": str(AGENT_CONTROL_PORT)},
+        # Every stage pod starts warm: one a live change adds joins a running pipeline, and the same manifest
+        # for all keeps the pod digest independent of how a stage came to be.
+        {"name": "PIPESHIFT_WARM", "value": "1"},
         _token_env(ref),
     ]
     if spec.dtype is not None:
