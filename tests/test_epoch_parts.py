@@ -194,11 +194,15 @@ def test_an_armed_stage_admits_new_requests_against_its_pool_now_and_the_pool_it
 # ---- KV: the fence and imports ------------------------------------------------------------------
 
 
+def collect(source: Stage, layer: int) -> list[KVChunk]:
+    """Every block of `layer` as chunks with their data, as a source's first round sends them."""
+    return [c.load() for c in DirtyTracker().plan(source, "t", [layer])]
+
+
 def chunks_of(source: Stage, seq: int, layer: int) -> list[KVChunk]:
     """One chunk per logical block, so a test can deliver them in any order."""
-    tracker = DirtyTracker()
     return [KVChunk(c.seq_id, c.layer, c.length, c.reserve, (lb,), (v,), c.data[i : i + 1])
-            for c in tracker.collect(source, "t", [layer])
+            for c in collect(source, layer)
             if c.seq_id == seq
             for i, (lb, v) in enumerate(zip(c.logical, c.versions, strict=True))]
 
@@ -225,9 +229,9 @@ def test_imports_only_move_forward_and_drop_sequences_released_meanwhile(model_d
     target.prepare(3, 8)
     source.reserve(1, 20)
     source.forward([SeqSpan(1, 0, 3)], torch.tensor([3, 1, 4]))
-    old = DirtyTracker().collect(source, "t", [3])
+    old = collect(source, 3)
     source.forward([SeqSpan(1, 3, 1)], torch.tensor([1]))
-    new = DirtyTracker().collect(source, "t", [3])
+    new = collect(source, 3)
     for chunk in (*new, *old):  # the newer snapshot first, then a stale one
         import_chunk(target, chunk, {3})
     assert target.cache.length(1, 3) == 4
@@ -237,7 +241,7 @@ def test_imports_only_move_forward_and_drop_sequences_released_meanwhile(model_d
     assert torch.equal(k_src, k_dst) and torch.equal(v_src, v_dst)
     source.reserve(2, 8)
     source.forward([SeqSpan(2, 0, 2)], torch.tensor([7, 7]))
-    late = [c for c in DirtyTracker().collect(source, "t", [3]) if c.seq_id == 2]
+    late = [c for c in collect(source, 3) if c.seq_id == 2]
     assert import_chunk(target, late[0], {3}, gone={2}) == len(late[0].logical)
     assert 2 not in target.sequences()
     with pytest.raises(ValueError, match="layer 3 is not one this stage receives"):
@@ -293,12 +297,12 @@ def test_workers_compute_each_epochs_range_and_hold_the_new_epoch_until_the_fina
     target_stage.prepare(3, 8)
     tracker, sent = DirtyTracker(), deque[PlannedChunk]()
 
-    def collect(s: Stage, seqs: list[int]) -> list[tuple[str, list[PlannedChunk]]]:
+    def owed(s: Stage, seqs: list[int]) -> list[tuple[str, list[PlannedChunk]]]:
         chunks = tracker.plan(s, "stage1", [3], seqs or None)
         tracker.mark_sent("stage1", chunks)
         return [("stage1", chunks)]
 
-    w0.transition = Transition(1, (0, 4), (0, 3), (), collect)
+    w0.transition = Transition(1, (0, 4), (0, 3), (), owed)
     w1.transition = Transition(1, (4, 8), (3, 8), (3,))
     token = int(expected[0].argmax())
     step = MicroBatch(2, 1, (SeqSpan(1, 6, 1),), (0,), (), torch.tensor([token]))
@@ -306,7 +310,7 @@ def test_workers_compute_each_epochs_range_and_hold_the_new_epoch_until_the_fina
     assert hidden is not None and pushes == [] and hidden.data.shape == (1, 32)
     held, _ = w1.step(hidden)
     assert held is None and w1.fenced(hidden) == ["sequence 1 layer 3 holds 0 of 6 positions"]
-    sent.extend(collect(source_stage, [])[0][1])  # what arming pushes: layer 3 of sequence 1, final
+    sent.extend(owed(source_stage, [])[0][1])  # what arming pushes: layer 3 of sequence 1, final
     for chunk in sent:
         import_chunk(target_stage, chunk.load(), {3})
     out, _ = w1.compute(hidden, 0.25)

@@ -40,7 +40,7 @@ def test_every_written_block_is_dirty_until_sent_then_only_blocks_written_since(
     assert tracker.dirty(stage, "t", layers) == {
         (7, 1): all_blocks(6), (7, 2): all_blocks(6), (9, 1): all_blocks(3), (9, 2): all_blocks(3)
     }
-    tracker.mark_sent("t", tracker.collect(stage, "t", layers))
+    tracker.mark_sent("t", tracker.plan(stage, "t", layers))
     assert tracker.dirty(stage, "t", layers) == {}
     assert tracker.remaining(stage, "t", layers) == (0, 0)
     write(stage, 7, 6, 3)  # positions 6..8: the second block (4..7) changes and a third (8) appears
@@ -51,7 +51,7 @@ def test_every_written_block_is_dirty_until_sent_then_only_blocks_written_since(
 def test_a_target_that_was_sent_nothing_still_owes_everything(stage: Stage) -> None:
     tracker = DirtyTracker()
     write(stage, 7, 0, 5)
-    tracker.mark_sent("a", tracker.collect(stage, "a", [0]))
+    tracker.mark_sent("a", tracker.plan(stage, "a", [0]))
     assert tracker.dirty(stage, "a", [0]) == {}
     assert tracker.dirty(stage, "b", [0]) == {(7, 0): all_blocks(5)}
 
@@ -60,7 +60,7 @@ def test_forget_makes_everything_dirty_again_and_released_sequences_drop_out(sta
     tracker = DirtyTracker()
     write(stage, 7, 0, 5)
     write(stage, 9, 0, 2)
-    tracker.mark_sent("t", tracker.collect(stage, "t", [0]))
+    tracker.mark_sent("t", tracker.plan(stage, "t", [0]))
     tracker.forget()
     assert tracker.dirty(stage, "t", [0]) == {(7, 0): all_blocks(5), (9, 0): all_blocks(2)}
     stage.release(9)

@@ -181,15 +181,10 @@ class DirtyTracker:
                     out[seq, layer] = blocks
         return out
 
-    def collect(self, stage: Stage, target: str, layers: Iterable[int],
-                only: Collection[int] | None = None) -> list[KVChunk]:
-        """Copies of every dirty block (of the sequences in `only`, if given), at most `MAX_FRAME_BLOCKS`
-        per chunk."""
-        return [chunk.load() for chunk in self.plan(stage, target, layers, only)]
-
     def plan(self, stage: Stage, target: str, layers: Iterable[int],
              only: Collection[int] | None = None) -> list[PlannedChunk]:
-        """`collect` without the copies, for a caller that makes them off the worker."""
+        """Every dirty block (of the sequences in `only`, if given), at most `MAX_FRAME_BLOCKS` per chunk, to be
+        copied off the worker (`PlannedChunk.load`)."""
         chunks = []
         for (seq, layer), blocks in self.dirty(stage, target, layers, only).items():
             length = stage.cache.length(seq, layer)
