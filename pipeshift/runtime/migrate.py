@@ -11,10 +11,12 @@ the target's worker.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from pipeshift.runtime.kv import KVSpec
@@ -25,6 +27,9 @@ from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLim
 MIGRATE_ROLE = "migrate"
 # Blocks per KV_BLOCKS frame: bounds what a target must accept (and allocate) for one frame.
 MAX_FRAME_BLOCKS = 256
+# Smallest reused send buffer (elements) and receive arena (bytes): a few chunks' worth, so they rarely grow.
+_STAGING_NUMEL = 1 << 20
+_ARENA_BYTES = 32 << 20
 _HEADER_KEY = "kv"
 
 
@@ -66,18 +71,47 @@ class PlannedChunk(ChunkHead):
     where: BlockCopy
     nbytes: int
 
-    def load(self) -> KVChunk:
+    def load(self, out: Tensor | None = None) -> KVChunk:
+        """The chunk with its blocks copied (into `out`, when given: see `Staging`)."""
         return KVChunk(self.seq_id, self.layer, self.length, self.reserve, self.logical, self.versions,
-                       self.where.copy())
+                       self.where.copy(out))
 
 
-async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rate: float | None = None) -> None:
+class Staging:
+    """The two buffers one stream of chunks is copied into, reused from chunk to chunk and round to round:
+    one is filled while the other is sent. A fresh tensor per chunk (up to 16 MiB) costs more in first-touch
+    page faults than the copy itself (2-7 ms per MiB on a VM), on both cores the pipeline serves with.
+    One stream at a time may use it."""
+
+    def __init__(self) -> None:
+        self._buffers: list[Tensor | None] = [None, None]
+
+    def out(self, slot: int, chunk: PlannedChunk) -> Tensor:
+        where = chunk.where
+        shape = (where.count, 2, *where.block)
+        numel = math.prod(shape)
+        buffer = self._buffers[slot]
+        device = where.parts[0][0].device
+        if buffer is None or buffer.numel() < numel or buffer.dtype != where.dtype or buffer.device != device:
+            buffer = self._buffers[slot] = torch.empty(max(numel, _STAGING_NUMEL), dtype=where.dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rate: float | None = None,
+                        staging: Staging | None = None) -> None:
     """Copy each chunk's blocks on a helper thread (the next one while this one is sent) and send them, then
     ask the target to confirm (CONTROL `{flush: n}`; the caller reads the answer). With `rate` (bytes/s), a
-    chunk is sent only once the ones before it have taken the time that rate gives them."""
+    chunk is sent only once the ones before it have taken the time that rate gives them. Chunks are copied
+    into `staging` (a new one when None)."""
     loop = asyncio.get_running_loop()
+    staging = staging or Staging()
     started, sent = time.perf_counter(), 0
-    loading = loop.run_in_executor(None, chunks[0].load) if chunks else None
+
+    def load(i: int) -> asyncio.Future[KVChunk]:
+        # Slot i % 2 was last used by chunk i - 2, whose frames were sent before this is called.
+        return loop.run_in_executor(None, chunks[i].load, staging.out(i % 2, chunks[i]))
+
+    loading = load(0) if chunks else None
     for i in range(len(chunks)):
         assert loading is not None
         chunk = await loading
@@ -85,10 +119,38 @@ async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rat
             await asyncio.sleep(ahead)
         sent += chunk.nbytes
         if i + 1 < len(chunks):
-            loading = loop.run_in_executor(None, chunks[i + 1].load)
+            loading = load(i + 1)
         for frame in chunk.frames():
             await client.send(frame)
     await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
+
+
+class Arena:
+    """Reused memory that a target receives KV frames into (`take` is a `recv_frame` payload allocator).
+
+    A received chunk's tensor points into it until imported, so `reset()` only once every chunk taken from
+    it has been imported; memory outgrown meanwhile is kept until then. Like `Staging`, this spares a
+    first-touch page fault per received byte.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._used = 0
+        self._outgrown: list[bytearray] = []
+
+    def take(self, nbytes: int) -> memoryview:
+        if self._used + nbytes > len(self._buffer):
+            if self._used:
+                self._outgrown.append(self._buffer)
+            self._buffer = bytearray(max(nbytes, 2 * len(self._buffer), _ARENA_BYTES))
+            self._used = 0
+        view = memoryview(self._buffer)[self._used : self._used + nbytes]
+        self._used += nbytes
+        return view
+
+    def reset(self) -> None:
+        self._used = 0
+        self._outgrown.clear()
 
 
 def migration_limits(spec: KVSpec) -> tuple[FrameLimits, FrameLimits]:
@@ -188,6 +250,8 @@ class DirtyTracker:
         chunks = []
         for (seq, layer), blocks in self.dirty(stage, target, layers, only).items():
             length = stage.cache.length(seq, layer)
+            # In physical order: each slab's share of a chunk is then one contiguous run to copy (`BlockCopy`).
+            blocks.sort(key=stage.cache.block_table(seq, layer).__getitem__)
             for i in range(0, len(blocks), MAX_FRAME_BLOCKS):
                 part = blocks[i : i + MAX_FRAME_BLOCKS]
                 where, versions = stage.cache.locate_blocks(seq, layer, part)
