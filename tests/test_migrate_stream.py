@@ -79,7 +79,9 @@ def test_staging_hands_out_two_buffers_for_good_growing_only_for_a_larger_chunk(
     first = [staging.out(slot, small).data_ptr() for slot in (0, 1)]
     assert first[0] != first[1]
     assert [staging.out(slot, small).data_ptr() for slot in (0, 1)] == first
-    assert [staging.out(slot, large).data_ptr() for slot in (0, 1)] == first, "16 blocks fit the minimum size"
+    grown = [staging.out(slot, large).data_ptr() for slot in (0, 1)]
+    assert [staging.out(slot, small).data_ptr() for slot in (0, 1)] == grown, "a smaller chunk fits what grew"
+    assert [staging.out(slot, large).data_ptr() for slot in (0, 1)] == grown
     assert list(staging.out(1, large).shape) == [16, *pool.block_shape()]
 
 
@@ -91,18 +93,19 @@ def test_an_arena_reuses_its_memory_after_reset_and_keeps_outgrown_memory_until_
     arena = Arena()
     a = arena.take(1000)
     a[:] = b"a" * 1000
-    b = arena.take(24)
-    assert address(b) == address(a) + 1000, "consecutive takes share one buffer"
-    huge = arena.take(64 << 20)  # outgrows the buffer: `a` must stay intact until reset
-    huge[:3] = b"xyz"
+    grown = arena.take(3000)  # outgrows the buffer: `a` must stay intact until reset
+    grown[:3] = b"xyz"
     assert bytes(a) == b"a" * 1000
     arena.reset()
-    assert address(arena.take(10)) == address(huge), "after reset the largest buffer is reused"
+    first, second = arena.take(2000), arena.take(1000)
+    assert address(first) == address(grown), "after reset the largest buffer is reused"
+    assert address(second) == address(first) + 2000, "consecutive takes share one buffer"
 
 
 def test_a_round_through_a_target_imports_exactly_in_groups_received_into_reused_memory(tiny_model: Path) -> None:
-    """A source streams 16 chunks of 1 MiB to a real target data plane: they are imported in order, exactly,
-    in hops of `IMPORT_GROUP_BYTES`, and each group is received into the same memory as the one before."""
+    """A source streams 24 chunks of 1 MiB to a real target data plane: they are imported in order, exactly,
+    in hops of `IMPORT_GROUP_BYTES`; once the arena has grown to a group, each group is received into the
+    same memory as the one before."""
     stage = Stage(ModelDir(tiny_model), 0, 1, dtype=torch.float64, kv_blocks=16, block_size=16)
     config = AgentConfig(model=tiny_model, start=0, end=1, stage_id=1, dtype="float64", block_size=16)
     spec = stage.spec
@@ -113,7 +116,7 @@ def test_a_round_through_a_target_imports_exactly_in_groups_received_into_reused
     data = torch.randn((per_chunk, *pool.block_shape()), dtype=spec.dtype, generator=torch.Generator().manual_seed(2))
     pool.write_whole(ids, data)
     chunks = [PlannedChunk(seq, 0, per_chunk * 16, per_chunk * 16, tuple(ids), tuple([1] * per_chunk),
-                           pool.locate(ids), per_chunk * spec.bytes_per_block) for seq in range(16)]  # fmt: skip
+                           pool.locate(ids), per_chunk * spec.bytes_per_block) for seq in range(24)]  # fmt: skip
     imported: list[tuple[int, int, torch.Tensor]] = []  # (sequence, address received at, data)
 
     def kv_import(chunk: KVChunk) -> int:
@@ -138,8 +141,8 @@ def test_a_round_through_a_target_imports_exactly_in_groups_received_into_reused
 
     result = asyncio.run(scenario())
     per_group = IMPORT_GROUP_BYTES >> 20
-    assert result == {"imported": 16 * per_chunk, "hops": 16 // per_group, "received": 16 << 20}
-    assert [seq for seq, _, _ in imported] == list(range(16))
+    assert result == {"imported": 24 * per_chunk, "hops": 24 // per_group, "received": 24 << 20}
+    assert [seq for seq, _, _ in imported] == list(range(24))
     assert all(torch.equal(got, data) for _, _, got in imported)
-    firsts = {address for seq, address, _ in imported if seq % per_group == 0}
-    assert len(firsts) == 1, "every group is received where the one before it was"
+    second, third = ([address for seq, address, _ in imported if seq // per_group == group] for group in (1, 2))
+    assert second == third, "once grown, every group is received where the one before it was"

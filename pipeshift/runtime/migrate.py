@@ -27,9 +27,6 @@ from pipeshift.runtime.transport import Frame, FrameClient, FrameError, FrameLim
 MIGRATE_ROLE = "migrate"
 # Blocks per KV_BLOCKS frame: bounds what a target must accept (and allocate) for one frame.
 MAX_FRAME_BLOCKS = 256
-# Smallest reused send buffer (elements) and receive arena (bytes): a few chunks' worth, so they rarely grow.
-_STAGING_NUMEL = 1 << 20
-_ARENA_BYTES = 32 << 20
 _HEADER_KEY = "kv"
 
 
@@ -93,7 +90,7 @@ class Staging:
         buffer = self._buffers[slot]
         device = where.parts[0][0].device
         if buffer is None or buffer.numel() < numel or buffer.dtype != where.dtype or buffer.device != device:
-            buffer = self._buffers[slot] = torch.empty(max(numel, _STAGING_NUMEL), dtype=where.dtype, device=device)
+            buffer = self._buffers[slot] = torch.empty(numel, dtype=where.dtype, device=device)
         return buffer[:numel].view(shape)
 
 
@@ -130,7 +127,9 @@ class Arena:
 
     A received chunk's tensor points into it until imported, so `reset()` only once every chunk taken from
     it has been imported; memory outgrown meanwhile is kept until then. Like `Staging`, this spares a
-    first-touch page fault per received byte.
+    first-touch page fault per received byte. It grows only as far as frames need: a connection that
+    carries a few blocks per push (an armed switch's final deltas) must not touch megabytes at the arm,
+    which a 32 MiB minimum did (100-600 ms of page faults in the benchmark's critical interval).
     """
 
     def __init__(self) -> None:
@@ -142,7 +141,7 @@ class Arena:
         if self._used + nbytes > len(self._buffer):
             if self._used:
                 self._outgrown.append(self._buffer)
-            self._buffer = bytearray(max(nbytes, 2 * len(self._buffer), _ARENA_BYTES))
+            self._buffer = bytearray(max(nbytes, 2 * len(self._buffer)))
             self._used = 0
         view = memoryview(self._buffer)[self._used : self._used + nbytes]
         self._used += nbytes
