@@ -11,12 +11,10 @@ the target's worker.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from pipeshift.runtime.kv import KVSpec
@@ -68,47 +66,18 @@ class PlannedChunk(ChunkHead):
     where: BlockCopy
     nbytes: int
 
-    def load(self, out: Tensor | None = None) -> KVChunk:
-        """The chunk with its blocks copied (into `out`, when given: see `Staging`)."""
+    def load(self) -> KVChunk:
         return KVChunk(self.seq_id, self.layer, self.length, self.reserve, self.logical, self.versions,
-                       self.where.copy(out))
+                       self.where.copy())
 
 
-class Staging:
-    """The two buffers one stream of chunks is copied into, reused from chunk to chunk and round to round:
-    one is filled while the other is sent. A fresh tensor per chunk (up to 16 MiB) costs more in first-touch
-    page faults than the copy itself (2-7 ms per MiB on a VM), on both cores the pipeline serves with.
-    One stream at a time may use it."""
-
-    def __init__(self) -> None:
-        self._buffers: list[Tensor | None] = [None, None]
-
-    def out(self, slot: int, chunk: PlannedChunk) -> Tensor:
-        where = chunk.where
-        shape = (where.count, 2, *where.block)
-        numel = math.prod(shape)
-        buffer = self._buffers[slot]
-        device = where.parts[0][0].device
-        if buffer is None or buffer.numel() < numel or buffer.dtype != where.dtype or buffer.device != device:
-            buffer = self._buffers[slot] = torch.empty(numel, dtype=where.dtype, device=device)
-        return buffer[:numel].view(shape)
-
-
-async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rate: float | None = None,
-                        staging: Staging | None = None) -> None:
+async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rate: float | None = None) -> None:
     """Copy each chunk's blocks on a helper thread (the next one while this one is sent) and send them, then
     ask the target to confirm (CONTROL `{flush: n}`; the caller reads the answer). With `rate` (bytes/s), a
-    chunk is sent only once the ones before it have taken the time that rate gives them. Chunks are copied
-    into `staging` (a new one when None)."""
+    chunk is sent only once the ones before it have taken the time that rate gives them."""
     loop = asyncio.get_running_loop()
-    staging = staging or Staging()
     started, sent = time.perf_counter(), 0
-
-    def load(i: int) -> asyncio.Future[KVChunk]:
-        # Slot i % 2 was last used by chunk i - 2, whose frames were sent before this is called.
-        return loop.run_in_executor(None, chunks[i].load, staging.out(i % 2, chunks[i]))
-
-    loading = load(0) if chunks else None
+    loading = loop.run_in_executor(None, chunks[0].load) if chunks else None
     for i in range(len(chunks)):
         assert loading is not None
         chunk = await loading
@@ -116,40 +85,10 @@ async def stream_chunks(client: FrameClient, chunks: Sequence[PlannedChunk], rat
             await asyncio.sleep(ahead)
         sent += chunk.nbytes
         if i + 1 < len(chunks):
-            loading = load(i + 1)
+            loading = loop.run_in_executor(None, chunks[i + 1].load)
         for frame in chunk.frames():
             await client.send(frame)
     await client.send(Frame.message(Kind.CONTROL, {"flush": len(chunks)}))
-
-
-class Arena:
-    """Reused memory that a target receives KV frames into (`take` is a `recv_frame` payload allocator).
-
-    A received chunk's tensor points into it until imported, so `reset()` only once every chunk taken from
-    it has been imported; memory outgrown meanwhile is kept until then. Like `Staging`, this spares a
-    first-touch page fault per received byte. It grows only as far as frames need: a connection that
-    carries a few blocks per push (an armed switch's final deltas) must not touch megabytes at the arm,
-    which a 32 MiB minimum did (100-600 ms of page faults in the benchmark's critical interval).
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._used = 0
-        self._outgrown: list[bytearray] = []
-
-    def take(self, nbytes: int) -> memoryview:
-        if self._used + nbytes > len(self._buffer):
-            if self._used:
-                self._outgrown.append(self._buffer)
-            self._buffer = bytearray(max(nbytes, 2 * len(self._buffer)))
-            self._used = 0
-        view = memoryview(self._buffer)[self._used : self._used + nbytes]
-        self._used += nbytes
-        return view
-
-    def reset(self) -> None:
-        self._used = 0
-        self._outgrown.clear()
 
 
 def migration_limits(spec: KVSpec) -> tuple[FrameLimits, FrameLimits]:
@@ -249,8 +188,6 @@ class DirtyTracker:
         chunks = []
         for (seq, layer), blocks in self.dirty(stage, target, layers, only).items():
             length = stage.cache.length(seq, layer)
-            # In physical order: each slab's share of a chunk is then one contiguous run to copy (`BlockCopy`).
-            blocks.sort(key=stage.cache.block_table(seq, layer).__getitem__)
             for i in range(0, len(blocks), MAX_FRAME_BLOCKS):
                 part = blocks[i : i + MAX_FRAME_BLOCKS]
                 where, versions = stage.cache.locate_blocks(seq, layer, part)

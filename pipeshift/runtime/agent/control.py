@@ -178,8 +178,6 @@ class ControlAPI:
                 **await self.worker.call(weight_counters, self.worker.stage),
                 "frames_rejected": self.data.rejected,
                 "upstream_connections": self.data.upstreams,
-                "kv_bytes_received": self.data.kv_bytes_received,
-                "kv_import_hops": self.data.kv_import_hops,
                 "downstream": self.data.downstream.address,
                 "downstream_connected": self.data.downstream.connected,
                 "downstream_connects": self.data.downstream.connects,

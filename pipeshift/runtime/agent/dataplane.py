@@ -31,12 +31,10 @@ from pipeshift.runtime.metrics import AgentMetrics
 from pipeshift.runtime.microbatch import MAX_RELEASES, MAX_SEQS, MicroBatch, MicroBatchReader, data_limits
 from pipeshift.runtime.migrate import (
     MIGRATE_ROLE,
-    Arena,
     KVChunk,
     PlannedChunk,
     chunk_from,
     chunk_header,
-    frame_bytes,
     migration_limits,
 )
 from pipeshift.runtime.transport import Frame, FrameError, FrameLimits, HandshakeRefused, Kind, PeerClosed
@@ -87,9 +85,6 @@ class DataPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstreams = 0
         self.rejected = 0
-        # KV received on migration connections, and the worker hops that imported it.
-        self.kv_bytes_received = 0
-        self.kv_import_hops = 0
         # Set by the reconfiguration state: imports one chunk on the worker thread, returns its blocks.
         self.kv_import: Callable[[KVChunk], int] | None = None
 
@@ -188,32 +183,20 @@ class DataPlane:
 
     async def _receive_kv(self, conn: socket.socket) -> None:
         """Import chunks in arrival order, in groups; on `flush`, answer how many blocks were imported since
-        the last one, or the first error (later chunks of that round are skipped, so the source resends).
-
-        Chunks are received into one reused arena. Reading waits while a group is imported: reading on into
-        a second arena meanwhile measured slower on the benchmark (copy rate 123-159 MB/s against 264-359,
-        the switch twice as long), the event loop's receiving competing with the worker's compute.
-        """
+        the last one, or the first error (later chunks of that round are skipped, so the source resends)."""
         limits = migration_limits(self.worker.stage.spec)
-        arena = Arena()
         header: tuple[int, int] | None = None
         group: list[KVChunk] = []
         imported, error = 0, ""
-
-        async def import_group() -> None:
-            nonlocal group, imported, error
-            done, error = await self._import(group, error)
-            imported, group = imported + done, []
-            arena.reset()  # nothing received so far is referenced any more
-
         while True:
-            frame = await recv_frame(conn, limits, arena.take)
+            frame = await recv_frame(conn, limits)
             if frame.kind is Kind.CLOSE:
                 return
             if frame.kind is Kind.CONTROL:
                 body = frame.body()
                 if "flush" in body:
-                    await import_group()
+                    done, error = await self._import(group, error)
+                    imported, group = imported + done, []
                     reply = {"error": error} if error else {"imported": imported}
                     await send_frame(conn, Frame.message(Kind.CONTROL, reply))
                     imported, error = 0, ""
@@ -221,11 +204,11 @@ class DataPlane:
                 header = chunk_header(frame)
                 continue
             chunk, header = chunk_from(header, frame), None
-            self.kv_bytes_received += chunk.nbytes
             if not error:
                 group.append(chunk)
-            if not group or frame_bytes(group) >= IMPORT_GROUP_BYTES:
-                await import_group()
+            if sum(c.nbytes for c in group) >= IMPORT_GROUP_BYTES:
+                done, error = await self._import(group, error)
+                imported, group = imported + done, []
 
     async def _import(self, chunks: list[KVChunk], error: str) -> tuple[int, str]:
         """Blocks imported from `chunks` on the worker, and the first error (which skips the rest)."""
@@ -233,7 +216,6 @@ class DataPlane:
             return 0, error
         if self.kv_import is None:
             return 0, "this stage takes no KV imports"
-        self.kv_import_hops += 1
         try:
             return await self.worker.call(self._import_on_worker, self.kv_import, chunks), ""
         except (StateConflict, KVCapacityError, ValueError) as exc:

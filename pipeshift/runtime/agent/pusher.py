@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from pipeshift.runtime.agent.downstream import parse_address
-from pipeshift.runtime.migrate import MIGRATE_ROLE, PlannedChunk, Staging, blocks_in, frame_bytes, stream_chunks
+from pipeshift.runtime.migrate import MIGRATE_ROLE, PlannedChunk, blocks_in, frame_bytes, stream_chunks
 from pipeshift.runtime.transport import FrameClient, FrameError, FrameLimits, Kind, PeerClosed
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ class KVPusher:
         self._delay = push_delay_s()
         self._queue: asyncio.Queue[list[PlannedChunk]] = asyncio.Queue()
         self._client: FrameClient | None = None
-        self._staging = Staging()
         self._task = asyncio.create_task(self._run())
         self.bytes = self.blocks = self.groups = 0
         self.seconds = 0.0
@@ -92,7 +91,7 @@ class KVPusher:
         for attempt in range(ATTEMPTS):
             try:
                 client = self._client or await self._connect()
-                await stream_chunks(client, chunks, staging=self._staging)
+                await stream_chunks(client, chunks)
                 reply = (await asyncio.wait_for(client.recv(), REPLY_TIMEOUT_S)).body()
             except (OSError, TimeoutError, FrameError, PeerClosed) as exc:
                 error = f"push to {self.address} failed: {exc!r}"

@@ -27,7 +27,6 @@ from pipeshift.runtime.migrate import (
     DirtyTracker,
     KVChunk,
     PlannedChunk,
-    Staging,
     blocks_in,
     frame_bytes,
     import_chunk,
@@ -69,8 +68,6 @@ class Reconfigurer(EpochSwitching):
         self._done: dict[str, str] = {}  # reconfig id -> "committed" | "aborted"
         self._tracker = DirtyTracker()
         self._lock = asyncio.Lock()
-        # Pre-copy rounds run one at a time (under `_lock`), so they share one pair of send buffers.
-        self._staging = Staging()
         self._pushers: dict[str, KVPusher] = {}
         data.kv_import = self._import
 
@@ -253,7 +250,7 @@ class Reconfigurer(EpochSwitching):
         except (OSError, TimeoutError, FrameError) as exc:
             raise StateConflict(f"cannot reach target {host}:{port} for pre-copy: {exc}") from None
         try:
-            await stream_chunks(client, chunks, rate, self._staging)
+            await stream_chunks(client, chunks, rate)
             reply = (await asyncio.wait_for(client.recv(), PRECOPY_TIMEOUT_S)).body()
         except (OSError, TimeoutError, FrameError, PeerClosed) as exc:
             raise StateConflict(f"pre-copy to {host}:{port} failed: {exc}") from None

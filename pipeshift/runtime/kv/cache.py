@@ -301,7 +301,7 @@ class PagedKVCache:
         blocks.length = length
         self._clock = max(self._clock, *versions, 0)
         if logical:
-            self._pool.write_whole([blocks.table[lb] for lb in logical], data)
+            self._pool.write_blocks([blocks.table[lb] for lb in logical], data[:, 0], data[:, 1])
 
     def grow(self, blocks: int) -> None:
         """Append `ceil(blocks / slab_blocks)` slabs; existing data is not copied."""

@@ -20,9 +20,6 @@ from pipeshift.runtime.kv.spec import KVSpec
 _PLANNED_IDS = 1 << 18
 # (slab, rows of its K and V planes) per slab touched; then the order that undoes the grouping, if any.
 _GatherPlan = tuple[list[tuple[int, Tensor]], Tensor | None]
-# Where one slab's blocks go in a copy's result (or come from in a write's source): a contiguous run when
-# the ids arrive in ascending order, as migrations plan them, else explicit positions.
-_Places = slice | Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,24 +35,18 @@ class BlockCopy:
     count: int
     block: tuple[int, int, int]
     dtype: torch.dtype
-    # (slab tensor viewed as [slab_blocks, 2, *block] (strided), its block indices, their places in the result)
-    parts: tuple[tuple[Tensor, Tensor, _Places], ...]
+    # (slab tensor viewed as [2, slab_blocks, *block], its block indices, their places in the result or None)
+    parts: tuple[tuple[Tensor, Tensor, Tensor | None], ...]
 
-    def copy(self, out: Tensor | None = None) -> Tensor:
-        """The blocks as `[count, 2, block_size, kv_heads, head_dim]`, into `out` when given, else into a fresh
-        tensor. Blocks in ascending id order are copied in one pass per slab; a migration reuses `out`
-        because a fresh multi-MB tensor per chunk costs more in first-touch page faults than the copy."""
-        shape = (self.count, 2, *self.block)
-        if out is None:
-            out = torch.empty(shape, dtype=self.dtype, device=self.parts[0][0].device)
-        elif tuple(out.shape) != shape or out.dtype != self.dtype or not out.is_contiguous():
-            raise ValueError(f"BlockCopy.copy needs a contiguous {self.dtype} out of shape {list(shape)}, "
-                             f"got {out.dtype} {list(out.shape)}")
-        for blocks, index, places in self.parts:
-            if isinstance(places, slice):
-                torch.index_select(blocks, 0, index, out=out[places])
+    def copy(self) -> Tensor:
+        """A fresh `[count, 2, block_size, kv_heads, head_dim]` tensor."""
+        out = torch.empty((self.count, 2, *self.block), dtype=self.dtype, device=self.parts[0][0].device)
+        for planes, index, places in self.parts:
+            picked = planes.index_select(1, index).transpose(0, 1)
+            if places is None:
+                out.copy_(picked)
             else:
-                out.index_copy_(0, places, blocks.index_select(0, index))
+                out.index_copy_(0, places, picked)
         return out
 
 
@@ -149,31 +140,13 @@ class BlockPool:
     def locate(self, blocks: Sequence[int]) -> BlockCopy:
         """Whole `blocks` (not empty), to copy now or later from another thread (see `BlockCopy`). It shares no
         workspace and no gather plan with `read`, so an export never evicts the plans decode steps reuse."""
-        parts = tuple((self._whole_blocks(slab), index, places) for slab, index, places in self._runs(blocks))
-        return BlockCopy(len(blocks), self._block, self.spec.dtype, parts)
-
-    def write_whole(self, blocks: Sequence[int], data: Tensor) -> None:
-        """Write whole blocks from `data`, `[len(blocks), 2, block_size, kv_heads, head_dim]` (an import's
-        layout), without staging K and V apart: one pass per slab when `blocks` ascend."""
-        data = data.to(dtype=self.spec.dtype, device=self._device)
-        for slab, index, places in self._runs(blocks):
-            source = data[places] if isinstance(places, slice) else data.index_select(0, places)
-            self._whole_blocks(slab).index_copy_(0, index, source)
-
-    def _whole_blocks(self, slab: int) -> Tensor:
-        """Slab `slab` as `[slab_blocks, 2, *block]`: block i's K and V (a strided view of the two planes)."""
-        return self._slabs[slab].view(2, self.slab_blocks, *self._block).transpose(0, 1)
-
-    def _runs(self, blocks: Sequence[int]) -> list[tuple[int, Tensor, _Places]]:
-        """Per slab touched: the blocks' indices in it and their positions in `blocks`."""
-        out: list[tuple[int, Tensor, _Places]] = []
-        for slab, positions in self._by_slab(blocks, self.slab_blocks):
-            index = torch.tensor([blocks[pos] - slab * self.slab_blocks for pos in positions], device=self._device)
-            first, last = positions[0], positions[-1]
-            places: _Places = (slice(first, last + 1) if last - first + 1 == len(positions)
-                               else torch.tensor(list(positions), device=self._device))  # fmt: skip
-            out.append((slab, index, places))
-        return out
+        groups = self._by_slab(blocks, self.slab_blocks)
+        parts = []
+        for slab, positions in groups:
+            local = torch.tensor([blocks[pos] - slab * self.slab_blocks for pos in positions], device=self._device)
+            places = None if len(groups) == 1 else torch.tensor(list(positions), device=self._device)
+            parts.append((self._slabs[slab].view(2, self.slab_blocks, *self._block), local, places))
+        return BlockCopy(len(blocks), self._block, self.spec.dtype, tuple(parts))
 
     def write_rows(self, rows: Sequence[int], k: Tensor, v: Tensor) -> None:
         """Write token rows (global `block * block_size + slot`): `k`, `v` are `[len(rows), kv_heads, head_dim]`."""

@@ -195,10 +195,8 @@ def _need(got: int, want: int, part: str) -> None:
         raise FrameError(f"truncated {part}: the connection closed after {got} of {want} bytes")
 
 
-def frame_parser(accepts: Accepts, payload: Callable[[int], memoryview] | None = None) -> Parser:
-    """Yields buffers to fill completely (send back the count; fewer means EOF) and returns the frame.
-
-    The tensor is received into `payload(nbytes)` when given (memory the caller reuses), else a new buffer."""
+def frame_parser(accepts: Accepts) -> Parser:
+    """Yields buffers to fill completely (send back the count; fewer means EOF) and returns the frame."""
     table = limits_by_kind(accepts)
     raw = bytearray(HEADER.size)
     got = yield memoryview(raw)
@@ -212,9 +210,9 @@ def frame_parser(accepts: Accepts, payload: Callable[[int], memoryview] | None =
     spans, meta = _parse_body(h, body)
     tensor = None
     if h.payload_len:
-        into = memoryview(bytearray(h.payload_len)) if payload is None else payload(h.payload_len)
-        _need((yield into), len(into), "payload")
-        tensor = torch.frombuffer(into, dtype=torch_dtype(h.dtype)).view(h.shape)
+        payload = bytearray(h.payload_len)
+        _need((yield memoryview(payload)), len(payload), "payload")
+        tensor = torch.frombuffer(payload, dtype=torch_dtype(h.dtype)).view(h.shape)
     return Frame(h.kind, h.epoch, h.batch_id, spans, meta, tensor)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
 
 from pipeshift.runtime.transport.codec import drive, drive_async, encode_parts, frame_parser
 from pipeshift.runtime.transport.frame import Frame
@@ -17,10 +16,8 @@ from pipeshift.runtime.transport.limits import Accepts
 _JOIN_BELOW = 64 * 1024
 
 
-async def recv_frame(sock: socket.socket, accepts: Accepts,
-                     payload: Callable[[int], memoryview] | None = None) -> Frame:
-    """The next frame from a non-blocking socket (its tensor into `payload(nbytes)` when given, see
-    `frame_parser`); raises FrameError, or PeerClosed at a clean EOF."""
+async def recv_frame(sock: socket.socket, accepts: Accepts) -> Frame:
+    """The next frame from a non-blocking socket; raises FrameError, or PeerClosed at a clean EOF."""
     loop = asyncio.get_running_loop()
 
     async def fill(view: memoryview) -> int:
@@ -32,7 +29,7 @@ async def recv_frame(sock: socket.socket, accepts: Accepts,
             got += n
         return got
 
-    return await drive_async(frame_parser(accepts, payload), fill)
+    return await drive_async(frame_parser(accepts), fill)
 
 
 async def send_frame(sock: socket.socket, frame: Frame) -> None:
