@@ -55,7 +55,7 @@ def serving_bed(cluster: Cluster, helm: Path, model: Path, work: Path, name: str
             if operator.proc is None or not operator.proc.running():  # no one left to run the finalizer
                 cluster.kubectl("patch", "llmp", name, "-n", namespace, "--type=merge", "-p",
                                 '{"metadata":{"finalizers":null}}', check=False)
-            cluster.kubectl("delete", "llmp", name, "-n", namespace, "--timeout=60s", check=False)
+            cluster.kubectl("delete", "llmp", name, "-n", namespace, "--timeout=60s", check=False, timeout=90)
             operator.stop()
             cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 

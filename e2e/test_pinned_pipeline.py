@@ -251,7 +251,7 @@ def test_a_pinned_pipeline_is_scheduled_served_reported_and_cleaned_up(
 
     # Deleting the resource removes every pod (and every other child); their processes stop.
     pods = [s["pod"] for s in stages] + [frontend["pod"]]
-    cluster.kubectl("delete", "llmp", name, "-n", namespace, "--timeout=120s")
+    cluster.kubectl("delete", "llmp", name, "-n", namespace, "--timeout=120s", timeout=150)
     wait_until(lambda: not any(_owned(cluster, namespace, name).values()), 120,
                f"every object of {name} gone", watch=[operator.proc], interval=0.5)
     wait_until(lambda: all(kubelet.pid(namespace, p) is None for p in pods), 60, "the pods' processes stopped")
@@ -296,7 +296,7 @@ def test_an_invalid_pipeline_fails_naming_the_field_and_creates_nothing(
     _apply(cluster, namespace, fixed)
     wait_until(lambda: _pipeline_obj(cluster, namespace, name)["status"]["phase"] != "Failed", 60,
                "the fixed spec picked up", watch=[operator.proc])
-    cluster.kubectl("delete", "llmp", name, "-n", namespace, "--timeout=120s")
+    cluster.kubectl("delete", "llmp", name, "-n", namespace, "--timeout=120s", timeout=150)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and any(_owned(cluster, namespace, name).values()):
         time.sleep(0.5)

@@ -209,7 +209,11 @@ class PipelineOperator:
 
 def settings(posting_instance: str | None = None) -> kopf.OperatorSettings:
     """Annotations under our own prefix, a finalizer named after us, no cluster scanning (least RBAC:
-    the operator never needs to list CRDs or namespaces), and Events that say who posted them."""
+    the operator never needs to list CRDs or namespaces), and Events that say who posted them.
+
+    kopf keeps the finalizer until the object's timers have exited and, for a re-check pass still running
+    when the delete arrives, looks again only after `cancellation_polling` (60 s by default): a delete
+    overlapping a pass held `kubectl delete` for a minute. A pass is short, so look again every second."""
     s = kopf.OperatorSettings()
     s.persistence.finalizer = FINALIZER
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -220,6 +224,7 @@ def settings(posting_instance: str | None = None) -> kopf.OperatorSettings:
     s.posting.reporting_instance = posting_instance or socket.gethostname()
     s.posting.event_name_prefix = EVENT_PREFIX
     s.execution.max_workers = 8
+    s.background.cancellation_polling = 1.0
     return s
 
 
