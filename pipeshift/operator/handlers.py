@@ -27,6 +27,7 @@ from pipeshift.operator.metrics import OperatorMetrics
 from pipeshift.operator.reconcile import (
     NORMAL,
     WARNING,
+    Action,
     Create,
     Delete,
     Event,
@@ -89,7 +90,7 @@ class PipelineOperator:
             return outcome, False
         ref = PipelineRef.from_body(body)
         ports = Ports(
-            apply=lambda action: self._apply(body, namespace, action),
+            apply=lambda action: self._apply(namespace, action),
             patch_status=lambda patch: self.kube.patch_status(PLURAL, namespace, name, patch),
             annotate_frontend=lambda notes: self.kube.annotate_deployment(namespace, m.frontend_name(name), notes),
             token=lambda: self.kube.control_token(namespace, name),
@@ -135,13 +136,14 @@ class PipelineOperator:
         if outcome == "committed":
             self.metrics.pause_seconds.inc(pause_s)
 
-    def _apply(self, body: Mapping[str, Any], namespace: str, action: Create | Delete) -> bool:
+    def _apply(self, namespace: str, action: Action) -> bool:
+        """Carry out one action and count what it created or deleted; False: it was already done."""
         if not self.kube.apply(namespace, action):
             return False
         if isinstance(action, Create):
             role = (action.manifest["metadata"].get("labels") or {}).get(m.LABEL_ROLE, "")
             self.metrics.created.inc(kind=action.kind, role=role)
-        else:
+        elif isinstance(action, Delete):
             self.metrics.deleted.inc(kind=action.kind)
         return True
 
@@ -155,13 +157,8 @@ class PipelineOperator:
             return None
         outcome = reconcile(body, observed, now=st.utcnow())
         for action in outcome.actions:
-            if not self.kube.apply(namespace, action):
+            if not self._apply(namespace, action):
                 continue
-            if isinstance(action, Create):
-                role = (action.manifest["metadata"].get("labels") or {}).get(m.LABEL_ROLE, "")
-                self.metrics.created.inc(kind=action.kind, role=role)
-            elif isinstance(action, Delete):
-                self.metrics.deleted.inc(kind=action.kind)
             logger.info("%s/%s: %s %s/%s", namespace, name, type(action).__name__.lower(), action.kind, action.name)
             if action.event is not None:
                 self.post(body, action.event)
