@@ -3,8 +3,9 @@
 kopf keeps its finalizer on the object until the object's timers have exited, and it looks again at a
 timer still running at deletion only after `settings.background.cancellation_polling` (kopf's default:
 60 s). A re-check pass is short, but one that overlapped a `kubectl delete` held the object (and the
-kubectl waiting on it) for a minute. Here the overlap is made certain: the test holds the pipeline's lock,
-so the timer's pass is blocked on it when the delete arrives and ends only after the test lets it go.
+kubectl waiting on it) for a minute. Here the overlap is forced: the test holds the pipeline's lock for four
+re-check intervals before it deletes, so a timer pass is waiting on that lock when the delete arrives and
+ends only after the test lets go (without the fix, this test fails: the object is still there 30 s later).
 
 The operator runs in this process (kopf in a thread, against the bed's real API server, as the chart's
 ServiceAccount) so that the test can hold that lock; nothing is mocked.
@@ -80,5 +81,7 @@ def _gone(cluster: Cluster, namespace: str, name: str) -> bool:
     try:
         _pipeline_obj(cluster, namespace, name)
     except ApiError as error:
-        return error.status == 404
+        if error.status == 404:
+            return True
+        raise
     return False
